@@ -1,0 +1,89 @@
+/** Reads a table's columns, keys and unique indexes from the PostgreSQL catalogs. */
+import type { Sql } from "./db.ts";
+
+/** One column as the catalog describes it. */
+export interface Column {
+  name: string;
+  /** format_type(): "numeric(18,3)", "text[]", "timestamp with time zone". */
+  type: string;
+  notNull: boolean;
+  hasDefault: boolean;
+  /** Generated or identity-always columns cannot be written. */
+  generated: boolean;
+}
+
+/** A table as meter-sync needs to know it. */
+export interface TableInfo {
+  /** The name as given, resolved through the search_path. */
+  name: string;
+  schema: string;
+  columns: Column[];
+  /** Columns of the primary key, in key order; empty when there is none. */
+  primaryKey: string[];
+  /** Single-column unique indexes or constraints (the primary key included). */
+  uniqueColumns: string[];
+}
+
+/**
+ * The table's columns in their order, or undefined when it does not exist.
+ * `name` is a plain table name, matched exactly (capitals, spaces and quotes included).
+ */
+export async function readTable(sql: Sql, name: string): Promise<TableInfo | undefined> {
+  const found = await sql<{ oid: string; schema: string }[]>`
+    SELECT c.oid::text AS oid, n.nspname AS schema
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = ${name}
+       AND c.relkind IN ('r', 'p')
+       AND n.nspname = ANY (current_schemas(false))
+     ORDER BY array_position(current_schemas(false), n.nspname)
+     LIMIT 1`;
+  if (found.length === 0) return undefined;
+  const oid = found[0].oid;
+  const cols = await sql<
+    { name: string; type: string; not_null: boolean; has_default: boolean; generated: boolean }[]
+  >`
+    SELECT a.attname AS name,
+           format_type(a.atttypid, a.atttypmod) AS type,
+           a.attnotnull AS not_null,
+           (a.atthasdef OR a.attidentity <> '') AS has_default,
+           (a.attgenerated <> '' OR a.attidentity = 'a') AS generated
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = ${oid}::oid AND a.attnum > 0 AND NOT a.attisdropped
+     ORDER BY a.attnum`;
+  const keys = await sql<{ name: string; primary: boolean }[]>`
+    SELECT a.attname AS name, i.indisprimary AS primary
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = ${oid}::oid AND i.indisunique AND i.indisvalid
+       AND (i.indisprimary OR (i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL))
+     ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)`;
+  const pkRows = await sql<{ name: string }[]>`
+    SELECT a.attname AS name
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = ${oid}::oid AND i.indisprimary
+     ORDER BY k.ord`;
+  const uniqueColumns = [
+    ...new Set(keys.filter((k) => !k.primary || pkRows.length === 1).map((k) => k.name)),
+  ];
+  return {
+    name,
+    schema: found[0].schema,
+    columns: cols.map((c) => ({
+      name: c.name,
+      type: c.type,
+      notNull: c.not_null,
+      hasDefault: c.has_default,
+      generated: c.generated,
+    })),
+    primaryKey: pkRows.map((r) => r.name),
+    uniqueColumns,
+  };
+}
+
+/** Quotes an identifier the way PostgreSQL's quote_ident does, always. */
+export function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}

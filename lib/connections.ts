@@ -1,0 +1,63 @@
+/** Opens the databases a command needs, says clearly when one cannot be reached, and closes them. */
+import { getLogger } from "@logtape/logtape";
+import type { Config } from "./config.ts";
+import { connect, type Sql } from "./db.ts";
+import type { DbTarget } from "./db_url.ts";
+import { classifyError, CycleError, describeError } from "./errors.ts";
+
+const log = getLogger(["meter-sync", "db"]);
+
+/** The open databases of one command. */
+export interface Databases {
+  local?: Sql;
+  remote?: Sql;
+}
+
+/** Options of {@link withDatabases}. */
+export interface WithDatabasesOptions {
+  /** Connections per pool. @default 1 */
+  max?: number;
+}
+
+/** Makes sure the database answers, turning a failure into one line that names it. */
+export async function ping(sql: Sql, target: DbTarget, side: string): Promise<void> {
+  try {
+    await sql`SELECT 1`;
+  } catch (err) {
+    const why = describeError(err);
+    const kind = classifyError(err);
+    const hint = kind === "transient" ? "is the server running and reachable?" : "check the URL";
+    throw new CycleError(`cannot reach the ${side} database ${target.display}: ${why} (${hint})`, {
+      cause: err,
+    });
+  }
+}
+
+/** Runs fn with connections to the databases the config names, closing them afterwards. */
+export async function withDatabases<T>(
+  config: Config,
+  fn: (dbs: Databases) => Promise<T>,
+  options: WithDatabasesOptions = {},
+): Promise<T> {
+  const dbs: Databases = {};
+  const warn = (message: string) => log.warn(message);
+  try {
+    if (config.local) {
+      dbs.local = await connect(config.local, {
+        max: options.max,
+        pgpassFile: config.pgpassFile,
+        warn,
+      });
+    }
+    if (config.remote) {
+      dbs.remote = await connect(config.remote, {
+        max: options.max,
+        pgpassFile: config.pgpassFile,
+        warn,
+      });
+    }
+    return await fn(dbs);
+  } finally {
+    await Promise.all([dbs.local?.end({ timeout: 5 }), dbs.remote?.end({ timeout: 5 })]);
+  }
+}

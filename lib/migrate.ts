@@ -1,0 +1,107 @@
+/** Applies the numbered SQL files of migrations/local or migrations/remote, once each, in order. */
+import { getLogger } from "@logtape/logtape";
+import type { Sql } from "./db.ts";
+import { ConfigError } from "./errors.ts";
+
+const log = getLogger(["meter-sync", "migrate"]);
+
+/** One numbered SQL file. */
+export interface Migration {
+  name: string;
+  sql: string;
+  checksum: string;
+}
+
+/** What a run did. */
+export interface MigrateResult {
+  applied: string[];
+  alreadyApplied: number;
+}
+
+/** Records which files ran, with the checksum they had then. */
+const HISTORY = "meter_sync_migrations";
+
+/** Two runners on the same database wait for each other instead of interleaving. */
+const LOCK_KEY = 0x6d657465; // "mete"
+
+/** The folder shipped with the program (and included in the compiled binary). */
+export function migrationsDir(side: "local" | "remote"): URL {
+  return new URL(`../migrations/${side}/`, import.meta.url);
+}
+
+async function sha256(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Reads NNN_name.sql files from a folder, sorted by name. */
+export async function loadMigrations(dir: URL): Promise<Migration[]> {
+  const names: string[] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.isFile && /^\d{3,}_[\w-]+\.sql$/.test(entry.name)) names.push(entry.name);
+  }
+  names.sort();
+  const out: Migration[] = [];
+  for (const name of names) {
+    const sql = await Deno.readTextFile(new URL(name, dir));
+    out.push({ name, sql, checksum: await sha256(sql) });
+  }
+  return out;
+}
+
+/**
+ * Applies the pending migrations, each in its own transaction, under an advisory lock.
+ * Refuses to go on if a file that was applied has changed since.
+ */
+export async function migrate(sql: Sql, migrations: Migration[]): Promise<MigrateResult> {
+  const conn = await sql.reserve();
+  try {
+    await conn`SELECT pg_advisory_lock(${LOCK_KEY})`;
+    try {
+      await conn.unsafe(
+        `CREATE TABLE IF NOT EXISTS ${HISTORY} (
+           name text PRIMARY KEY,
+           checksum text NOT NULL,
+           applied_at timestamptz NOT NULL DEFAULT now()
+         )`,
+      );
+      const rows = await conn<{ name: string; checksum: string }[]>`
+        SELECT name, checksum FROM ${conn(HISTORY)}`;
+      const done = new Map(rows.map((r) => [r.name, r.checksum]));
+      for (const m of migrations) {
+        const old = done.get(m.name);
+        if (old !== undefined && old !== m.checksum) {
+          throw new ConfigError(
+            `migration ${m.name} changed after it was applied (checksum differs); restore the file and put the change in a new migration`,
+          );
+        }
+      }
+      const applied: string[] = [];
+      for (const m of migrations) {
+        if (done.has(m.name)) continue;
+        const started = performance.now();
+        await conn.unsafe("BEGIN");
+        try {
+          await conn.unsafe(m.sql).simple();
+          await conn`INSERT INTO ${
+            conn(HISTORY)
+          } (name, checksum) VALUES (${m.name}, ${m.checksum})`;
+          await conn.unsafe("COMMIT");
+        } catch (err) {
+          await conn.unsafe("ROLLBACK").catch(() => {});
+          throw err;
+        }
+        applied.push(m.name);
+        log.info("applied {name} in {ms} ms", {
+          name: m.name,
+          ms: Math.round(performance.now() - started),
+        });
+      }
+      return { applied, alreadyApplied: migrations.length - applied.length };
+    } finally {
+      await conn`SELECT pg_advisory_unlock(${LOCK_KEY})`.catch(() => {});
+    }
+  } finally {
+    conn.release();
+  }
+}

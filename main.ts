@@ -1,0 +1,126 @@
+/** meter-sync entry point: the only place that reads args and env, handles signals and exits. */
+import meta from "./deno.json" with { type: "json" };
+import { checkSchemaCommand } from "./lib/commands/check_schema.ts";
+import { type CommandContext, systemClock } from "./lib/commands/context.ts";
+import { migrateCommand } from "./lib/commands/migrate.ts";
+import { seedCommand } from "./lib/commands/seed.ts";
+import { statusCommand } from "./lib/commands/status.ts";
+import {
+  COMMAND_SPECS,
+  type CommandName,
+  type Config,
+  ENV_VARS,
+  helpText,
+  parseInvocation,
+} from "./lib/config.ts";
+import { ConfigError, CycleError, describeError, ExitCode, SchemaError } from "./lib/errors.ts";
+import { setupLogging } from "./lib/log.ts";
+import { redactText } from "./lib/redact.ts";
+
+type Command = (config: Config, ctx: CommandContext) => Promise<number>;
+
+/** The demo lives outside the compiled binary: it needs the embedded PostgreSQL packages. */
+async function demoCommand(config: Config, ctx: CommandContext): Promise<number> {
+  const specifier = "./lib/demo.ts";
+  let mod: { demo: Command };
+  try {
+    mod = await import(specifier);
+  } catch {
+    throw new ConfigError(
+      "demo needs the source checkout (embedded PostgreSQL): run npx --yes deno@2.9.6 task demo",
+    );
+  }
+  return await mod.demo(config, ctx);
+}
+
+const COMMAND_TABLE: Partial<Record<CommandName, Command>> = {
+  status: statusCommand,
+  migrate: migrateCommand,
+  "check-schema": checkSchemaCommand,
+  seed: seedCommand,
+  demo: demoCommand,
+};
+
+const encoder = new TextEncoder();
+function print(line: string): void {
+  Deno.stdout.writeSync(encoder.encode(line + "\n"));
+}
+function printError(line: string): void {
+  Deno.stderr.writeSync(encoder.encode(`meter-sync: ${line}\n`));
+}
+
+function readEnv(): Record<string, string | undefined> {
+  return Object.fromEntries(ENV_VARS.map((name) => [name, Deno.env.get(name)]));
+}
+
+async function main(): Promise<number> {
+  let secrets: string[] = [];
+  try {
+    const parsed = parseInvocation({ args: Deno.args, env: readEnv() });
+    if (parsed.kind === "help") {
+      print(helpText(parsed.command));
+      return ExitCode.ok;
+    }
+    if (parsed.kind === "version") {
+      print(`meter-sync ${meta.version} (deno ${Deno.version.deno})`);
+      return ExitCode.ok;
+    }
+    const config = parsed.config;
+    secrets = config.secrets;
+    const command = COMMAND_TABLE[config.command];
+    if (!COMMAND_SPECS[config.command].available || !command) {
+      printError(
+        `${config.command} is not available in this release yet; available: ${
+          Object.keys(COMMAND_TABLE).join(", ")
+        }`,
+      );
+      return ExitCode.usage;
+    }
+    await setupLogging({
+      level: config.logLevel,
+      format: config.logFormat,
+      secrets,
+      color: config.logFormat === "pretty" && Deno.stderr.isTerminal() && !Deno.env.get("NO_COLOR"),
+    });
+
+    // First signal: finish (or roll back) the batch in flight and stop. Second: now.
+    const stop = new AbortController();
+    const onSignal = (name: Deno.Signal) => () => {
+      if (stop.signal.aborted) {
+        printError(`second ${name}: stopping at once`);
+        Deno.exit(130);
+      }
+      stop.abort(new DOMException(`${name} received`, "AbortError"));
+    };
+    const handlers = (["SIGINT", "SIGTERM"] as const).map((s) => {
+      const h = onSignal(s);
+      Deno.addSignalListener(s, h);
+      return [s, h] as const;
+    });
+    try {
+      return await command(config, {
+        out: print,
+        signal: stop.signal,
+        clock: systemClock,
+        random: Math.random,
+        isTerminal: Deno.stdout.isTerminal(),
+      });
+    } finally {
+      for (const [s, h] of handlers) Deno.removeSignalListener(s, h);
+    }
+  } catch (err) {
+    const line = redactText(describeError(err), secrets);
+    if (err instanceof ConfigError) {
+      printError(line);
+      return ExitCode.usage;
+    }
+    if (err instanceof SchemaError) {
+      printError(line);
+      return ExitCode.schema;
+    }
+    printError(err instanceof CycleError ? line : `failed: ${line}`);
+    return ExitCode.cycleFailed;
+  }
+}
+
+Deno.exit(await main());
