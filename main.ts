@@ -1,10 +1,13 @@
 /** meter-sync entry point: the only place that reads args and env, handles signals and exits. */
+import { getLogger } from "@logtape/logtape";
 import meta from "./deno.json" with { type: "json" };
 import { checkSchemaCommand } from "./lib/commands/check_schema.ts";
 import { type CommandContext, systemClock } from "./lib/commands/context.ts";
 import { migrateCommand } from "./lib/commands/migrate.ts";
 import { seedCommand } from "./lib/commands/seed.ts";
 import { statusCommand } from "./lib/commands/status.ts";
+import { syncCommand } from "./lib/commands/sync.ts";
+import { requeueCommand } from "./lib/commands/requeue.ts";
 import {
   COMMAND_SPECS,
   type CommandName,
@@ -34,6 +37,9 @@ async function demoCommand(config: Config, ctx: CommandContext): Promise<number>
 }
 
 const COMMAND_TABLE: Partial<Record<CommandName, Command>> = {
+  sync: syncCommand,
+  upload: syncCommand,
+  requeue: requeueCommand,
   status: statusCommand,
   migrate: migrateCommand,
   "check-schema": checkSchemaCommand,
@@ -55,6 +61,12 @@ function readEnv(): Record<string, string | undefined> {
 
 async function main(): Promise<number> {
   let secrets: string[] = [];
+  let jsonLogs = false;
+  /** The failure, once: a plain line, or a JSON record when logs are JSON. */
+  const report = (line: string) => {
+    if (jsonLogs) getLogger(["meter-sync"]).error("{error}", { error: line });
+    else printError(line);
+  };
   try {
     const parsed = parseInvocation({ args: Deno.args, env: readEnv() });
     if (parsed.kind === "help") {
@@ -76,6 +88,7 @@ async function main(): Promise<number> {
       );
       return ExitCode.usage;
     }
+    jsonLogs = config.logFormat === "json";
     await setupLogging({
       level: config.logLevel,
       format: config.logFormat,
@@ -111,14 +124,14 @@ async function main(): Promise<number> {
   } catch (err) {
     const line = redactText(describeError(err), secrets);
     if (err instanceof ConfigError) {
-      printError(line);
+      report(line);
       return ExitCode.usage;
     }
     if (err instanceof SchemaError) {
-      printError(line);
+      report(line);
       return ExitCode.schema;
     }
-    printError(err instanceof CycleError ? line : `failed: ${line}`);
+    report(err instanceof CycleError ? line : `failed: ${line}`);
     return ExitCode.cycleFailed;
   }
 }

@@ -10,6 +10,11 @@ export interface Column {
   hasDefault: boolean;
   /** Generated or identity-always columns cannot be written. */
   generated: boolean;
+  /**
+   * A built-in type (and, for an array, a built-in element type): its binary form is
+   * the same in every database, so it can travel in binary COPY.
+   */
+  builtin: boolean;
 }
 
 /** A table as meter-sync needs to know it. */
@@ -41,14 +46,23 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
   if (found.length === 0) return undefined;
   const oid = found[0].oid;
   const cols = await sql<
-    { name: string; type: string; not_null: boolean; has_default: boolean; generated: boolean }[]
+    {
+      name: string;
+      type: string;
+      not_null: boolean;
+      has_default: boolean;
+      generated: boolean;
+      builtin: boolean;
+    }[]
   >`
     SELECT a.attname AS name,
+           (a.atttypid < 16384 AND t.typelem < 16384) AS builtin,
            format_type(a.atttypid, a.atttypmod) AS type,
            a.attnotnull AS not_null,
            (a.atthasdef OR a.attidentity <> '') AS has_default,
            (a.attgenerated <> '' OR a.attidentity = 'a') AS generated
       FROM pg_catalog.pg_attribute a
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
      WHERE a.attrelid = ${oid}::oid AND a.attnum > 0 AND NOT a.attisdropped
      ORDER BY a.attnum`;
   const keys = await sql<{ name: string; primary: boolean }[]>`
@@ -77,6 +91,7 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       notNull: c.not_null,
       hasDefault: c.has_default,
       generated: c.generated,
+      builtin: c.builtin,
     })),
     primaryKey: pkRows.map((r) => r.name),
     uniqueColumns,

@@ -60,7 +60,7 @@ export const COMMON_FLAGS: Record<string, FlagSpec> = {
     arg: "N",
     default: "100",
     env: "METER_SYNC_BATCH_SIZE",
-    help: "readings per batch (1-1000000)",
+    help: "readings per batch (1-100000)",
   },
   "max-retries": {
     type: "string",
@@ -125,14 +125,14 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
     usage: "meter-sync sync [--batch-size N] [--max-batches N]",
     flags: { "max-batches": MAX_BATCHES, "download-tables": DOWNLOAD_TABLES },
     needs: "both",
-    available: false,
+    available: true,
   },
   upload: {
     summary: "the upload half only",
     usage: "meter-sync upload [--batch-size N] [--max-batches N]",
     flags: { "max-batches": MAX_BATCHES },
     needs: "both",
-    available: false,
+    available: true,
   },
   download: {
     summary: "the download half only: mirror reference tables from the remote",
@@ -217,7 +217,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
       id: { type: "string", multiple: true, arg: "UUID", help: "one quarantined reading" },
     },
     needs: "local",
-    available: false,
+    available: true,
   },
   demo: {
     summary:
@@ -438,7 +438,7 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
     help: false,
     local,
     remote,
-    batchSize: intSetting(label("batch-size"), str("batch-size"), 100, [1, 1_000_000])!,
+    batchSize: intSetting(label("batch-size"), str("batch-size"), 100, [1, 100_000])!,
     maxRetries: intSetting(label("max-retries"), str("max-retries"), 3, [0, 100])!,
     maxBatches: intSetting("--max-batches", str("max-batches"), undefined, [1, 1_000_000_000]),
     table,

@@ -84,6 +84,20 @@ function openSocket(target: DbTarget): Promise<net.Socket> {
   });
 }
 
+const socketsOf = new WeakMap<Sql, Set<net.Socket>>();
+
+/**
+ * Resumes the pool's sockets. postgres.js pauses a socket when a COPY TO stream's
+ * buffer is full and resumes it only on the next read; when CopyData and CopyDone
+ * come in one chunk that read never happens and the next query waits forever
+ * (porsager/postgres#499, #917). Called after every COPY TO.
+ */
+export function resumeSockets(sql: Sql): void {
+  for (const socket of socketsOf.get(sql) ?? []) {
+    if (socket.isPaused()) socket.resume();
+  }
+}
+
 /** Resolves the password: from the URL, else from the pgpass file, else none. */
 export async function resolvePassword(
   target: DbTarget,
@@ -97,7 +111,8 @@ export async function resolvePassword(
 /** A postgres.js pool for the target. Connections open lazily, on the first query. */
 export async function connect(target: DbTarget, options: ConnectOptions = {}): Promise<Sql> {
   const password = await resolvePassword(target, options);
-  return postgres({
+  const sockets = new Set<net.Socket>();
+  const sql = postgres({
     host: target.host,
     port: target.port,
     user: target.user,
@@ -113,6 +128,15 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
     onnotice: () => {},
     connection: { application_name: target.applicationName, ...SESSION_SETTINGS },
     // Present at run time, missing from the TypeScript types (SPEC §5).
-    ...({ socket: () => openSocket(target) } as Record<string, unknown>),
+    ...({
+      socket: async () => {
+        const socket = await openSocket(target);
+        sockets.add(socket);
+        socket.once("close", () => sockets.delete(socket));
+        return socket;
+      },
+    } as Record<string, unknown>),
   });
+  socketsOf.set(sql, sockets);
+  return sql;
 }

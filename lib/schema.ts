@@ -22,6 +22,11 @@ export interface SchemaPlan {
   key: string;
   issues: SchemaIssue[];
   ok: boolean;
+  /**
+   * Every travelling column has the same built-in type on both sides, so batches can
+   * travel in binary COPY; otherwise in text COPY, which the remote parses into its types.
+   */
+  binary: boolean;
 }
 
 /** Type changes that carry every value over exactly (text form in, same value out). */
@@ -145,7 +150,8 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
   }
   // The key travels first, so that a batch's ids can be read off its COPY lines.
   columns.sort((a, b) => (a.name === key ? -1 : b.name === key ? 1 : 0));
-  return { columns, key, issues, ok: issues.every((i) => !i.blocking) };
+  const binary = columns.every((c) => c.builtin && remoteByName.get(c.name)?.type === c.type);
+  return { columns, key, issues, ok: issues.every((i) => !i.blocking), binary };
 }
 
 /** A readable table of the differences, for check-schema and the exit-3 message. */

@@ -1,0 +1,420 @@
+/** The upload engine: drains the local queue into the remote, each reading delivered once. */
+import { getLogger } from "@logtape/logtape";
+import type postgres from "postgres";
+import type { Column } from "./columns.ts";
+import { quoteIdent } from "./columns.ts";
+import { comparedSchemas } from "./commands/check_schema.ts";
+import type { Clock } from "./commands/context.ts";
+import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
+import { resumeSockets, type Sql } from "./db.ts";
+import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
+import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
+import { retry, RetryError } from "./retry.ts";
+import { formatIssues } from "./schema.ts";
+import { queueCondition } from "./status.ts";
+
+const log = getLogger(["meter-sync", "upload"]);
+
+type Tx = postgres.TransactionSql;
+
+/** The two databases and the injected clock and randomness. */
+export interface UploadDeps {
+  local: Sql;
+  remote: Sql;
+  clock: Clock;
+  random: () => number;
+  /** Aborted by SIGINT/SIGTERM: the batch in flight finishes, no new one starts. */
+  signal?: AbortSignal;
+}
+
+/** Options of {@link upload}. */
+export interface UploadOptions {
+  /** @default "meter_readings" */
+  table?: string;
+  /** Readings per batch. @default 100 */
+  batchSize?: number;
+  /** Stop after this many batches. @default until the queue is empty */
+  maxBatches?: number;
+  /** Retries of a transient fault per batch. @default 3 */
+  maxRetries?: number;
+  /** First backoff scale in ms. @default 200 */
+  baseMs?: number;
+  /** Longest backoff in ms. @default 10000 */
+  capMs?: number;
+  /** Called after every batch, for progress display. */
+  onBatch?: (progress: UploadResult) => void;
+}
+
+/** What a cycle did. */
+export interface UploadResult {
+  /** Readings newly inserted on the remote. */
+  uploaded: number;
+  /** Readings found on the remote already (a replay after a crash) and not inserted again. */
+  skipped: number;
+  /** Readings deleted locally: uploaded + skipped. */
+  deleted: number;
+  quarantined: number;
+  batches: number;
+  retries: number;
+  seconds: number;
+  /** True when a signal ended the cycle before the queue was empty. */
+  stopped: boolean;
+}
+
+/**
+ * The local transaction failed after the remote had the batch: never retried here
+ * (the rows stay, the next cycle replays them and the remote skips what it has).
+ */
+export class LocalDeleteError extends Error {
+  override name = "LocalDeleteError";
+}
+
+interface Statements {
+  claim: (limit: number) => string;
+  copy: string;
+  stageCreate: string;
+  stageCopy: string;
+  stageInsert: string;
+  remove: string;
+}
+
+function statements(table: string, columns: Column[], key: string, format: CopyFormat): Statements {
+  const t = quoteIdent(table);
+  const cols = columns.map((c) => quoteIdent(c.name)).join(", ");
+  const opts = format === "binary" ? " (FORMAT binary)" : "";
+  return {
+    // Claims the oldest readings so that no other agent can take them (G3, G4), and has
+    // the local server write them in COPY format: the remote reads them back unchanged.
+    claim: (limit) =>
+      `COPY (SELECT ${columns.map((c) => `m.${quoteIdent(c.name)}`).join(", ")}
+               FROM ${t} m
+              WHERE ${queueCondition("m")}
+              ORDER BY m.createdat, m.${quoteIdent(key)}
+              LIMIT ${Math.trunc(limit)}
+                FOR UPDATE OF m SKIP LOCKED) TO STDOUT${opts}`,
+    copy: `COPY ${t} (${cols}) FROM STDIN${opts}`,
+    stageCreate:
+      `CREATE TEMP TABLE meter_sync_stage ON COMMIT DROP AS SELECT ${cols} FROM ${t} WITH NO DATA`,
+    stageCopy: `COPY meter_sync_stage (${cols}) FROM STDIN${opts}`,
+    stageInsert: `INSERT INTO ${t} (${cols}) SELECT ${cols} FROM meter_sync_stage
+                  ON CONFLICT (${quoteIdent(key)}) DO NOTHING`,
+    remove: `DELETE FROM ${t} WHERE ${quoteIdent(key)} = ANY ($1::uuid[])`,
+  };
+}
+
+/** Bytes per CopyData message. */
+const COPY_CHUNK = 64 * 1024;
+
+type CopyQuery = Promise<unknown> & {
+  reject: (err: unknown) => void;
+  readable(): Promise<NodeJS.ReadableStream>;
+  writable(): Promise<NodeJS.WritableStream>;
+};
+
+/** Reads a COPY ... TO STDOUT into one buffer (a batch is bounded by --batch-size). */
+async function copyOut(tx: Tx, statement: string): Promise<Uint8Array> {
+  const stream = await (tx.unsafe(statement) as unknown as CopyQuery).readable();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  await new Promise<void>((resolve, reject) => {
+    // Flowing mode with a synchronous consumer: the buffer never fills, so postgres.js
+    // never pauses the socket (and resumeSockets() covers the case where it did).
+    stream.on("data", (chunk: Uint8Array) => {
+      chunks.push(chunk);
+      size += chunk.length;
+    });
+    stream.on("end", () => resolve());
+    stream.on("error", (err) => reject(err));
+  });
+  const data = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    data.set(chunk, at);
+    at += chunk.length;
+  }
+  return data;
+}
+
+/**
+ * Writes a payload into an open COPY ... FROM STDIN. postgres.js resolves the query
+ * with the stream before the server answers, and an error that arrives after end()
+ * neither fails the stream nor the (already resolved) query: it is only handed to
+ * query.reject, which we wrap so that a rejected COPY fails here instead of hanging.
+ */
+async function copyIn(tx: Tx, statement: string, payload: Uint8Array): Promise<void> {
+  const query = tx.unsafe(statement) as unknown as CopyQuery;
+  let fail: (err: unknown) => void = () => {};
+  let failure: unknown;
+  const reject = query.reject;
+  query.reject = (err: unknown) => {
+    failure ??= err;
+    fail(err);
+    reject(err);
+  };
+  const stream = await query.writable();
+  await new Promise<void>((resolve, rejectCopy) => {
+    if (failure) return rejectCopy(failure);
+    fail = rejectCopy;
+    stream.on("error", (err) => rejectCopy(failure ?? err));
+    stream.on("finish", () => resolve());
+    // Slices, not one giant CopyData message: the server parses rows as they arrive
+    // instead of waiting for the whole batch.
+    for (let at = 0; at < payload.length; at += COPY_CHUNK) {
+      stream.write(payload.subarray(at, at + COPY_CHUNK));
+    }
+    stream.end();
+  });
+}
+
+/** A duplicate key on the idempotency key: the batch (or part of it) is on the remote already. */
+function isReplay(err: unknown, key: string): boolean {
+  if (sqlState(err) !== "23505") return false;
+  const detail = String((err as { detail?: unknown }).detail ?? "");
+  return detail.startsWith(`Key (${key})=`) || detail.startsWith(`Key (${quoteIdent(key)})=`);
+}
+
+/** The 1-based line of a COPY error ("COPY t, line 57, column x: ..."), if the server said. */
+function copyErrorLine(err: unknown): number | undefined {
+  const where = String((err as { where?: unknown }).where ?? "");
+  const m = /^COPY [^,]+, line (\d+)/.exec(where);
+  return m ? Number(m[1]) : undefined;
+}
+
+interface Delivery {
+  /** Keys now on the remote (inserted or already there): deleted locally. */
+  onRemote: string[];
+  inserted: number;
+  skipped: number;
+  rejected: Rejection[];
+}
+
+/** Drains the queue into the remote: see the module comment and README "Upload guarantees". */
+export async function upload(deps: UploadDeps, options: UploadOptions = {}): Promise<UploadResult> {
+  const table = options.table ?? "meter_readings";
+  const batchSize = options.batchSize ?? 100;
+  const maxRetries = options.maxRetries ?? 3;
+  const started = deps.clock.now();
+  const result: UploadResult = {
+    uploaded: 0,
+    skipped: 0,
+    deleted: 0,
+    quarantined: 0,
+    batches: 0,
+    retries: 0,
+    seconds: 0,
+    stopped: false,
+  };
+
+  // G7: both catalogs, every cycle, with the same code as check-schema.
+  const plan = await retry(() => comparedSchemas(deps.local, deps.remote, table), {
+    maxRetries,
+    isRetriable: (e) => classifyError(e) === "transient",
+    clock: deps.clock,
+    random: deps.random,
+    baseMs: options.baseMs,
+    capMs: options.capMs,
+    signal: deps.signal,
+    onRetry: (err, n, ms) => warnRetry("reading the schemas", err, n, maxRetries, ms),
+  }).catch((err) => {
+    throw err instanceof RetryError ? giveUp("reading the schemas", err) : err;
+  });
+  if (!plan.ok) {
+    const blocking = plan.issues.filter((i) => i.blocking);
+    throw new SchemaError(
+      `upload stopped, schemas incompatible: ${
+        blocking.map((i) => `"${i.column}" ${i.problem}`).join("; ")
+      } (meter-sync check-schema shows the full table)`,
+      { cause: formatIssues(plan) },
+    );
+  }
+  const format: CopyFormat = plan.binary ? "binary" : "text";
+  const sql = statements(table, plan.columns, plan.key, format);
+  log.debug("{columns} columns travel in {format} COPY", {
+    columns: plan.columns.length,
+    format,
+  });
+
+  /** One remote transaction for a payload; returns how many rows it inserted. */
+  const remoteWrite = (payload: Uint8Array, rows: number, staged: boolean): Promise<number> =>
+    deps.remote.begin(async (tx) => {
+      if (!staged) {
+        await copyIn(tx, sql.copy, payload);
+        return rows;
+      }
+      await tx.unsafe(sql.stageCreate);
+      await copyIn(tx, sql.stageCopy, payload);
+      const inserted = await tx.unsafe(sql.stageInsert);
+      return inserted.count;
+    });
+
+  /**
+   * Writes rows from..to, isolating rows the remote rejects for their data (G5): the
+   * row the server names, else halves, down to single rows. A duplicate key means a
+   * replay: that part goes again through a staging table, ON CONFLICT DO NOTHING (G2).
+   */
+  const deliver = async (
+    batch: CopyBatch,
+    from: number,
+    to: number,
+    staged: boolean,
+    out: Delivery,
+  ): Promise<void> => {
+    try {
+      const inserted = await remoteWrite(payloadOf(batch, from, to), to - from, staged);
+      out.inserted += inserted;
+      out.skipped += to - from - inserted;
+      for (let i = from; i < to; i++) out.onRemote.push(batch.keys[i]);
+      return;
+    } catch (err) {
+      if (!staged && isReplay(err, plan.key)) {
+        log.info(
+          "{rows} readings may be on the remote already (a replay after a crash); writing them idempotently",
+          { rows: to - from },
+        );
+        return await deliver(batch, from, to, true, out);
+      }
+      if (classifyError(err) !== "data") throw err;
+      if (to - from === 1) {
+        const rejection = {
+          id: batch.keys[from],
+          sqlstate: sqlState(err) ?? "22000",
+          error: describeError(err).replace(/ \(SQLSTATE \w+\)$/, ""),
+        };
+        log.warn(
+          "reading {id} rejected by the remote ({sqlstate}: {error}); quarantined",
+          rejection,
+        );
+        out.rejected.push(rejection);
+        return;
+      }
+      const line = copyErrorLine(err);
+      if (line !== undefined && line >= 1 && line <= to - from) {
+        const bad = from + line - 1;
+        if (bad > from) await deliver(batch, from, bad, staged, out);
+        await deliver(batch, bad, bad + 1, staged, out);
+        if (bad + 1 < to) await deliver(batch, bad + 1, to, staged, out);
+        return;
+      }
+      const mid = from + ((to - from) >> 1);
+      await deliver(batch, from, mid, staged, out);
+      await deliver(batch, mid, to, staged, out);
+    }
+  };
+
+  /** One batch: claim, write remotely, delete locally in the claiming transaction. */
+  const runBatch = async (): Promise<Delivery | undefined> => {
+    let phase = "claim" as "claim" | "remote" | "local";
+    try {
+      return await deps.local.begin(async (tx) => {
+        // The queue is read in index order; with stale statistics after a big drain the
+        // planner would otherwise sort the whole table for every batch.
+        await tx.unsafe("SET LOCAL enable_seqscan = off");
+        const data = await copyOut(tx, sql.claim(batchSize));
+        resumeSockets(deps.local);
+        const batch = splitRows(data, format);
+        if (batch.keys.length === 0) return undefined;
+        phase = "remote";
+        const out: Delivery = { onRemote: [], inserted: 0, skipped: 0, rejected: [] };
+        await deliver(batch, 0, batch.keys.length, false, out);
+        phase = "local";
+        if (out.onRemote.length) {
+          const removed = await tx.unsafe(sql.remove, [pgArray(out.onRemote)]);
+          if (removed.count !== out.onRemote.length) {
+            throw new Error(
+              `deleted ${removed.count} of ${out.onRemote.length} claimed readings; rolling back`,
+            );
+          }
+        }
+        await quarantineRows(tx, out.rejected);
+        return out;
+      });
+    } catch (err) {
+      if (phase === "local" && !(err instanceof LocalDeleteError)) {
+        throw new LocalDeleteError(
+          `the remote has the batch, but the local delete failed: ${describeError(err)}`,
+          { cause: err },
+        );
+      }
+      throw err;
+    }
+  };
+
+  while (!deps.signal?.aborted) {
+    if (options.maxBatches !== undefined && result.batches >= options.maxBatches) break;
+    const batchStart = deps.clock.now();
+    let out: Delivery | undefined;
+    try {
+      out = await retry(runBatch, {
+        maxRetries,
+        isRetriable: (e) => !(e instanceof LocalDeleteError) && classifyError(e) === "transient",
+        clock: deps.clock,
+        random: deps.random,
+        baseMs: options.baseMs,
+        capMs: options.capMs,
+        signal: deps.signal,
+        onRetry: (err, n, ms) => {
+          result.retries++;
+          warnRetry("batch", err, n, maxRetries, ms);
+        },
+      });
+    } catch (err) {
+      result.seconds = (deps.clock.now() - started) / 1000;
+      if (err instanceof RetryError) throw giveUp("upload", err);
+      if (err instanceof LocalDeleteError) {
+        throw new CycleError(
+          `${err.message}; the readings stay in the local queue and the next cycle delivers them without duplicates`,
+          { cause: err },
+        );
+      }
+      if (deps.signal?.aborted && (err as Error)?.name === "AbortError") {
+        result.stopped = true;
+        break;
+      }
+      throw new CycleError(
+        `upload failed: ${describeError(err)}; every reading is still in the local queue`,
+        { cause: err },
+      );
+    }
+    if (!out) break;
+    result.batches++;
+    result.uploaded += out.inserted;
+    result.skipped += out.skipped;
+    result.deleted += out.onRemote.length;
+    result.quarantined += out.rejected.length;
+    log.debug(
+      "batch {batch}: {rows} uploaded, {skipped} already there, {rejected} quarantined in {ms} ms",
+      {
+        batch: result.batches,
+        rows: out.inserted,
+        skipped: out.skipped,
+        rejected: out.rejected.length,
+        ms: deps.clock.now() - batchStart,
+      },
+    );
+    result.seconds = (deps.clock.now() - started) / 1000;
+    options.onBatch?.({ ...result });
+  }
+  if (deps.signal?.aborted) result.stopped = true;
+  result.seconds = (deps.clock.now() - started) / 1000;
+  return result;
+}
+
+function warnRetry(what: string, err: unknown, n: number, max: number, ms: number): void {
+  log.warn("{what} failed: {error}; retry {retry} of {max} in {ms} ms", {
+    what,
+    error: describeError(err),
+    sqlstate: sqlState(err) ?? null,
+    retry: n,
+    max,
+    ms,
+  });
+}
+
+function giveUp(what: string, err: RetryError): CycleError {
+  return new CycleError(
+    `${what} failed after ${err.attempts} attempts: ${
+      describeError(err.cause)
+    }; every reading is still in the local queue`,
+    { cause: err.cause },
+  );
+}
