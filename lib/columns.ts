@@ -68,7 +68,8 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
   const keys = await sql<{ name: string; primary: boolean }[]>`
     SELECT a.attname AS name, i.indisprimary AS primary
       FROM pg_catalog.pg_index i
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
+       AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1])
      WHERE i.indrelid = ${oid}::oid AND i.indisunique AND i.indisvalid
        AND (i.indisprimary OR (i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL))
      ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)`;
@@ -77,7 +78,7 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       FROM pg_catalog.pg_index i
       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = ${oid}::oid AND i.indisprimary
+     WHERE i.indrelid = ${oid}::oid AND i.indisprimary AND k.ord <= i.indnkeyatts
      ORDER BY k.ord`;
   const uniqueColumns = [
     ...new Set(keys.filter((k) => !k.primary || pkRows.length === 1).map((k) => k.name)),

@@ -358,6 +358,11 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
     );
   }
   if (values.help) return { kind: "help", command };
+  if (!spec.available) {
+    throw new ConfigError(
+      `${command} is not available in this release yet; run "meter-sync --help" for what is`,
+    );
+  }
 
   const str = (name: string): string | undefined => {
     const v = values[name];
@@ -421,7 +426,7 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
     if (!raw) {
       const envName = side === "local" ? "LOCAL_DATABASE_URL" : "REMOTE_DATABASE_URL";
       throw new ConfigError(
-        `${command} needs the ${side} database: set ${envName} or pass --${flag} postgres://user:pass@host:5432/db`,
+        `${command} needs the ${side} database: set ${envName} or pass --${flag} postgres://USER@HOST:5432/DATABASE`,
       );
     }
     return parseDatabaseUrl(raw, label(flag));
@@ -474,6 +479,11 @@ function flagProblem(err: unknown): string {
   const code = (err as { code?: string }).code;
   const flag = /'(-{1,2}[^' ]+)/.exec(message)?.[1];
   if (code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") return `unknown flag ${flag ?? ""}`.trim();
+  if (/ambiguous/.test(message)) {
+    return `flag ${flag ?? ""} needs a value (for a value starting with "-", write ${
+      flag ?? "--flag"
+    }=VALUE)`;
+  }
   if (code === "ERR_PARSE_ARGS_INVALID_OPTION_VALUE") {
     return /argument missing/.test(message) || /requires/.test(message) || /<value>/.test(message)
       ? `flag ${flag ?? ""} needs a value`
@@ -522,7 +532,7 @@ export function helpText(command?: CommandName): string {
     "",
     "Common flags:",
     ...flagLines(COMMON_FLAGS),
-    "  -V, --version                  print the version",
+    `${"  -V, --version".padEnd(30)} print the version`,
     "",
     "Exit codes: 0 success, 1 cycle failed (nothing lost), 2 usage or configuration error,",
     "3 schemas incompatible. Run meter-sync <command> --help for a command's flags.",

@@ -1,7 +1,7 @@
 /** Opens the databases a command needs, says clearly when one cannot be reached, and closes them. */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "./config.ts";
-import { connect, type Sql } from "./db.ts";
+import { connect, openPool, type Pool, type Sql } from "./db.ts";
 import type { DbTarget } from "./db_url.ts";
 import { classifyError, CycleError, describeError } from "./errors.ts";
 
@@ -60,4 +60,13 @@ export async function withDatabases<T>(
   } finally {
     await Promise.all([dbs.local?.end({ timeout: 5 }), dbs.remote?.end({ timeout: 5 })]);
   }
+}
+
+/** Renewable pools to both databases, for the upload engine. */
+export async function openPools(config: Config): Promise<{ local: Pool; remote: Pool }> {
+  const warn = (message: string) => log.warn(message);
+  const options = { pgpassFile: config.pgpassFile, warn };
+  const local = await openPool(config.local!, options);
+  const remote = await openPool(config.remote!, options);
+  return { local, remote };
 }

@@ -108,8 +108,33 @@ export async function resolvePassword(
   return await readPgpass(options.pgpassFile, target, options.warn);
 }
 
+let guarded = false;
+
+/**
+ * postgres.js 3.4.9 bug: when a connection dies inside sql.begin(), the driver still
+ * writes its ROLLBACK to that connection from a setImmediate, on a socket it has
+ * already set to null. The TypeError escapes every promise and would end the process;
+ * the transaction is gone with the connection anyway and begin() has already rejected.
+ * Only that exact error is swallowed.
+ */
+function guardDriverBug(): void {
+  if (guarded) return;
+  guarded = true;
+  globalThis.addEventListener("error", (event) => {
+    const err = (event as ErrorEvent).error;
+    if (
+      err instanceof TypeError &&
+      err.message === "Cannot read properties of null (reading 'write')" &&
+      /postgres[\\/]src[\\/]connection\.js/.test(err.stack ?? "")
+    ) {
+      event.preventDefault();
+    }
+  });
+}
+
 /** A postgres.js pool for the target. Connections open lazily, on the first query. */
 export async function connect(target: DbTarget, options: ConnectOptions = {}): Promise<Sql> {
+  guardDriverBug();
   const password = await resolvePassword(target, options);
   const sockets = new Set<net.Socket>();
   const sql = postgres({
@@ -139,4 +164,33 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
   });
   socketsOf.set(sql, sockets);
   return sql;
+}
+
+/**
+ * A pool that can be thrown away and opened anew. After a connection dies inside a
+ * transaction, postgres.js keeps the ROLLBACK it could not send and writes it ahead
+ * of the next startup message, so that connection never works again: the upload
+ * engine renews the pool after every connection-level fault.
+ */
+export interface Pool {
+  readonly sql: Sql;
+  /** Replaces the pool; the old one is closed without waiting. */
+  renew(): Promise<void>;
+  end(): Promise<void>;
+}
+
+/** Opens a renewable pool for the target. */
+export async function openPool(target: DbTarget, options: ConnectOptions = {}): Promise<Pool> {
+  let sql = await connect(target, options);
+  return {
+    get sql() {
+      return sql;
+    },
+    async renew() {
+      const old = sql;
+      sql = await connect(target, options);
+      old.end({ timeout: 0 }).catch(() => {});
+    },
+    end: () => sql.end({ timeout: 5 }),
+  };
 }

@@ -56,6 +56,30 @@ function processAlive(pid: number): boolean {
   }
 }
 
+/** Lock files held by this process, one per server folder, for its whole life. */
+const held: Deno.FsFile[] = [];
+
+/**
+ * The owner holds an exclusive lock on owner.lock for as long as it lives; the kernel
+ * drops it when the process dies, however it dies. Unlike a PID, that also works
+ * across PID namespaces (a sandboxed process does not see our PIDs in /proc).
+ */
+function ownerAlive(dir: string): boolean | undefined {
+  let file: Deno.FsFile;
+  try {
+    file = Deno.openSync(`${dir}/owner.lock`, { read: true, write: true });
+  } catch {
+    return undefined; // no lock file: being created, or an older layout
+  }
+  try {
+    if (!file.tryLockSync(true)) return true;
+    file.unlockSync();
+    return false;
+  } finally {
+    file.close();
+  }
+}
+
 /**
  * Servers whose owning process died without cleaning up (SIGKILL, a crashed test
  * runner) are shut down and their folders removed, so they never pile up.
@@ -72,11 +96,13 @@ export function reapOrphans(): void {
     const dir = `${tempRoot()}/${entry.name}`;
     let owner = 0;
     try {
+      // Written only once the owner holds its lock.
       owner = Number(Deno.readTextFileSync(`${dir}/owner.pid`).trim());
     } catch {
       continue; // being created right now, or not ours
     }
-    if (!owner || processAlive(owner)) continue;
+    const alive = ownerAlive(dir) ?? (!owner || processAlive(owner));
+    if (alive) continue;
     try {
       const postmaster = Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]);
       if (postmaster && processAlive(postmaster)) Deno.kill(postmaster, "SIGQUIT");
@@ -123,6 +149,9 @@ export async function startEmbeddedServer(options: EmbeddedOptions = {}): Promis
   hookExit();
   const name = options.name ?? "pg";
   const dir = await Deno.makeTempDir({ dir: tempRoot(), prefix: `${PREFIX}${name}-` });
+  const lock = await Deno.open(`${dir}/owner.lock`, { read: true, write: true, create: true });
+  lock.lockSync(true);
+  held.push(lock);
   await Deno.writeTextFile(`${dir}/owner.pid`, String(Deno.pid));
   // As root the server runs as the `postgres` user, which must be able to reach its folder.
   await Deno.chmod(dir, 0o755);

@@ -41,7 +41,8 @@ export const ExitCode = {
 export function sqlState(err: unknown): string | undefined {
   if (err && typeof err === "object" && "code" in err) {
     const code = (err as { code: unknown }).code;
-    if (typeof code === "string" && /^[0-9A-Z]{5}$/.test(code)) return code;
+    // Every SQLSTATE class starts with a digit; "EPIPE" is a Node error code, not a SQLSTATE.
+    if (typeof code === "string" && /^[0-9][0-9A-Z]{4}$/.test(code)) return code;
   }
   return undefined;
 }

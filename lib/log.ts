@@ -1,7 +1,7 @@
 /** LogTape set-up: pretty or JSON lines on stderr, every line passed through the redactor. */
 import { configure, getTextFormatter, type LogRecord, type Sink } from "@logtape/logtape";
 import type { LogFormat, LogLevel } from "./config.ts";
-import { redactText } from "./redact.ts";
+import { redactText, redactValue } from "./redact.ts";
 
 /** Options of {@link setupLogging}. */
 export interface LoggingOptions {
@@ -71,7 +71,15 @@ export function redactingSink(
   write: (line: string) => void,
   secrets: readonly string[],
 ): Sink {
-  return (record) => write(redactText(format(record), secrets));
+  return (record) => {
+    // Values first (a secret inside JSON or inspect output is escaped), then the line.
+    const clean: LogRecord = {
+      ...record,
+      message: record.message.map((part) => redactValue(part, secrets)),
+      properties: redactValue(record.properties, secrets) as Record<string, unknown>,
+    };
+    write(redactText(format(clean), secrets));
+  };
 }
 
 const encoder = new TextEncoder();

@@ -2,49 +2,65 @@
 
 const MASK = "***";
 
-/** A URL with its password (and any `password=` query parameter) replaced by ***. */
+/** `scheme://user:PASSWORD@` (also with one slash, a typo that still carries a password). */
+const USERINFO = /([a-z][a-z0-9+.-]*:\/{0,2}[^:/@\s]*:)[^@\s]*@/gi;
+/** `password=...` as a URL parameter or a libpq keyword/value pair. */
+const PASSWORD_PARAM = /((?:^|[?&\s;])[^=\s&?;]*pass[^=\s&?;]*=)(?:'(?:[^'\\]|\\.)*'|[^&\s;]*)/gi;
+
+/** A URL (or anything that was meant to be one) with every password replaced by ***. */
 export function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password) u.password = MASK;
-    for (const key of [...u.searchParams.keys()]) {
-      if (/pass/i.test(key)) u.searchParams.set(key, MASK);
-    }
-    return u.toString().replaceAll(encodeURIComponent(MASK), MASK);
-  } catch {
-    // Not parseable: mask whatever sits between "user:" and "@".
-    return url.replace(/(\/\/[^:/@]*:)[^@]*@/, `$1${MASK}@`);
-  }
+  return redactText(url);
 }
 
 /** Every password found in the given URLs, raw and percent-decoded, for {@link redactText}. */
 export function secretsOf(urls: (string | undefined)[]): string[] {
   const secrets = new Set<string>();
+  const add = (s: string | undefined) => {
+    if (!s) return;
+    secrets.add(s);
+    try {
+      secrets.add(decodeURIComponent(s));
+    } catch {
+      // malformed escape: the raw form is enough
+    }
+  };
   for (const url of urls) {
     if (!url) continue;
-    const m = /\/\/[^:/@]*:([^@]*)@/.exec(url);
-    if (m && m[1]) {
-      secrets.add(m[1]);
-      try {
-        secrets.add(decodeURIComponent(m[1]));
-      } catch {
-        // malformed escape: the raw form is enough
-      }
-    }
     try {
-      for (const [key, value] of new URL(url).searchParams) {
-        if (/pass/i.test(key) && value) secrets.add(value);
+      const u = new URL(url);
+      add(u.password);
+      for (const [key, value] of u.searchParams) {
+        if (/pass/i.test(key)) add(value);
       }
     } catch {
-      // not a URL
+      // not a URL: fall back to the text patterns below
     }
+    // The last "@" ends the password, as in new URL(); an unencoded "@" stays inside.
+    const m = /^[a-z][a-z0-9+.-]*:\/{0,2}[^:/@\s]*:(.*)@[^@]*$/i.exec(url);
+    if (m) add(m[1]);
+    for (const p of url.matchAll(/(?:^|[?&\s;])[^=\s&?;]*pass[^=\s&?;]*=([^&\s;]*)/gi)) add(p[1]);
   }
-  return [...secrets].filter((s) => s.length > 0).sort((a, b) => b.length - a.length);
+  const all = [...secrets].filter((s) => s.length > 0);
+  // Also the forms a secret takes inside JSON text, so that a formatted line is covered.
+  for (const s of [...all]) all.push(JSON.stringify(s).slice(1, -1));
+  return [...new Set(all)].sort((a, b) => b.length - a.length);
 }
 
 /** Replaces every known secret, and the password part of any URL, in free text. */
 export function redactText(text: string, secrets: readonly string[] = []): string {
-  let out = text.replace(/(postgres(?:ql)?:\/\/[^:/@\s]*:)[^@\s]*@/g, `$1${MASK}@`);
-  for (const secret of secrets) out = out.replaceAll(secret, MASK);
-  return out;
+  let out = text;
+  for (const secret of secrets) if (secret) out = out.replaceAll(secret, MASK);
+  return out.replace(USERINFO, `$1${MASK}@`).replace(PASSWORD_PARAM, `$1${MASK}`);
+}
+
+/** A deep copy of a log value with every string redacted (errors become their message). */
+export function redactValue(value: unknown, secrets: readonly string[], depth = 0): unknown {
+  if (typeof value === "string") return redactText(value, secrets);
+  if (value instanceof Error) return redactText(value.message, secrets);
+  if (depth > 5 || value === null || typeof value !== "object") return value;
+  if (Array.isArray(value)) return value.map((v) => redactValue(v, secrets, depth + 1));
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  return Object.fromEntries(
+    Object.entries(value).map(([k, v]) => [k, redactValue(v, secrets, depth + 1)]),
+  );
 }

@@ -25,7 +25,7 @@ export interface RetryOptions {
   /** Aborting cuts a backoff sleep short and throws the abort reason. */
   signal?: AbortSignal;
   /** Told about each retry before its sleep (for the warning log line). */
-  onRetry?: (err: unknown, retry: number, delayMs: number) => void;
+  onRetry?: (err: unknown, retry: number, delayMs: number) => unknown;
 }
 
 /** Calls fn until it succeeds, a non-retriable error occurs, or the retries are used up. */
@@ -45,7 +45,7 @@ export async function retry<T>(
         capMs: options.capMs,
         random: options.random,
       });
-      options.onRetry?.(err, attempt + 1, delay);
+      await options.onRetry?.(err, attempt + 1, delay);
       await options.clock.sleep(delay, options.signal);
     }
   }

@@ -37,10 +37,12 @@ const WIDENINGS: Record<string, string[]> = {
   real: ["double precision"],
   "character varying": ["text"],
   character: ["text", "character varying"],
-  "timestamp without time zone": ["timestamp without time zone"],
   json: ["jsonb", "text"],
   jsonb: ["json", "text"],
 };
+
+/** Decimal digits of the largest value of each integer type. */
+const INTEGER_DIGITS: Record<string, number> = { smallint: 5, integer: 10, bigint: 19 };
 
 function baseType(type: string): string {
   return type.replace(/\(.*\)/, "").trim();
@@ -64,6 +66,16 @@ function typeChange(local: string, remote: string): { ok: boolean; problem: stri
     if (rp !== undefined && lp !== undefined && rs >= ls && rp - rs >= lp - ls) {
       return { ok: true, problem: `type ${local} -> ${remote} (wider)` };
     }
+  }
+  if (INTEGER_DIGITS[l] && r === "numeric") {
+    const m = /\((\d+)(?:,(\d+))?\)/.exec(remote);
+    const room = m ? Number(m[1]) - Number(m[2] ?? 0) : Infinity;
+    return room >= INTEGER_DIGITS[l]
+      ? { ok: true, problem: `type ${local} -> ${remote} (wider)` }
+      : {
+        ok: false,
+        problem: `type ${local} on the gateway, ${remote} centrally: large values would not fit`,
+      };
   }
   if ((WIDENINGS[l] ?? []).includes(r) && !remote.endsWith("[]") && !local.endsWith("[]")) {
     return { ok: true, problem: `type ${local} -> ${remote} (wider)` };

@@ -6,7 +6,7 @@ import { quoteIdent } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
 import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
-import { resumeSockets, type Sql } from "./db.ts";
+import { type Pool, resumeSockets } from "./db.ts";
 import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
 import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
 import { retry, RetryError } from "./retry.ts";
@@ -19,8 +19,8 @@ type Tx = postgres.TransactionSql;
 
 /** The two databases and the injected clock and randomness. */
 export interface UploadDeps {
-  local: Sql;
-  remote: Sql;
+  local: Pool;
+  remote: Pool;
   clock: Clock;
   random: () => number;
   /** Aborted by SIGINT/SIGTERM: the batch in flight finishes, no new one starts. */
@@ -206,7 +206,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   };
 
   // G7: both catalogs, every cycle, with the same code as check-schema.
-  const plan = await retry(() => comparedSchemas(deps.local, deps.remote, table), {
+  const plan = await retry(() => comparedSchemas(deps.local.sql, deps.remote.sql, table), {
     maxRetries,
     isRetriable: (e) => classifyError(e) === "transient",
     clock: deps.clock,
@@ -214,7 +214,11 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     baseMs: options.baseMs,
     capMs: options.capMs,
     signal: deps.signal,
-    onRetry: (err, n, ms) => warnRetry("reading the schemas", err, n, maxRetries, ms),
+    onRetry: async (err, n, ms) => {
+      result.retries++;
+      warnRetry("reading the schemas", err, n, maxRetries, ms);
+      await Promise.all([deps.local.renew(), deps.remote.renew()]);
+    },
   }).catch((err) => {
     throw err instanceof RetryError ? giveUp("reading the schemas", err) : err;
   });
@@ -236,7 +240,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
 
   /** One remote transaction for a payload; returns how many rows it inserted. */
   const remoteWrite = (payload: Uint8Array, rows: number, staged: boolean): Promise<number> =>
-    deps.remote.begin(async (tx) => {
+    deps.remote.sql.begin(async (tx) => {
       if (!staged) {
         await copyIn(tx, sql.copy, payload);
         return rows;
@@ -305,12 +309,12 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   const runBatch = async (): Promise<Delivery | undefined> => {
     let phase = "claim" as "claim" | "remote" | "local";
     try {
-      return await deps.local.begin(async (tx) => {
+      return await deps.local.sql.begin(async (tx) => {
         // The queue is read in index order; with stale statistics after a big drain the
         // planner would otherwise sort the whole table for every batch.
         await tx.unsafe("SET LOCAL enable_seqscan = off");
         const data = await copyOut(tx, sql.claim(batchSize));
-        resumeSockets(deps.local);
+        resumeSockets(deps.local.sql);
         const batch = splitRows(data, format);
         if (batch.keys.length === 0) return undefined;
         phase = "remote";
@@ -352,9 +356,11 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         baseMs: options.baseMs,
         capMs: options.capMs,
         signal: deps.signal,
-        onRetry: (err, n, ms) => {
+        onRetry: async (err, n, ms) => {
           result.retries++;
           warnRetry("batch", err, n, maxRetries, ms);
+          // A dead connection is not reusable (see Pool); fresh ones for the retry.
+          await Promise.all([deps.local.renew(), deps.remote.renew()]);
         },
       });
     } catch (err) {

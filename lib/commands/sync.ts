@@ -1,7 +1,7 @@
 /** `sync` and `upload`: one cycle that drains the queue, recorded in the local run history. */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "../config.ts";
-import { withDatabases } from "../connections.ts";
+import { openPools } from "../connections.ts";
 import { describeError } from "../errors.ts";
 import { recordRun } from "../runs.ts";
 import { upload, type UploadDeps, type UploadResult } from "../upload.ts";
@@ -37,7 +37,7 @@ export async function uploadCycle(
         stopped: result.stopped ? "; stopped by signal" : "",
       },
     );
-    await recordRun(deps.local, {
+    await recordRun(deps.local.sql, {
       command: config.command,
       startedAt,
       finishedAt: new Date(ctx.clock.now()),
@@ -53,7 +53,7 @@ export async function uploadCycle(
     const message = describeError(err);
     // main.ts reports the failure once; here it only goes into the history.
     // Best effort: when the local database is what failed, there is nowhere to write.
-    await recordRun(deps.local, {
+    await recordRun(deps.local.sql, {
       command: config.command,
       startedAt,
       finishedAt: new Date(ctx.clock.now()),
@@ -70,15 +70,17 @@ export async function uploadCycle(
 }
 
 export async function syncCommand(config: Config, ctx: CommandContext): Promise<number> {
-  return await withDatabases(config, async ({ local, remote }) => {
-    // No ping first: a database that does not answer yet is a transient fault, retried.
+  // No ping first: a database that does not answer yet is a transient fault, retried.
+  const pools = await openPools(config);
+  try {
     await uploadCycle(config, ctx, {
-      local: local!,
-      remote: remote!,
+      ...pools,
       clock: ctx.clock,
       random: ctx.random,
       signal: ctx.signal,
     });
     return 0;
-  });
+  } finally {
+    await Promise.all([pools.local.end(), pools.remote.end()]);
+  }
 }
