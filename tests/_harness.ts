@@ -64,7 +64,9 @@ export async function freshDb(
 export async function compileFlags(): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
   const task: string = config.tasks.compile;
-  return task.split(/\s+/).filter((w) => w.startsWith("--allow-") || w.startsWith("--unstable"));
+  return task.split(/\s+/).filter((w) =>
+    w.startsWith("--allow-") || w.startsWith("--unstable") || w.startsWith("--v8-flags")
+  );
 }
 
 /** Result of running main.ts as a subprocess. */

@@ -1,0 +1,875 @@
+/**
+ * `deno task bench` (issue 3, item 8): meter-sync's upload against the plain binary COPY
+ * pipe and the original design, on the same backlog, optionally over a slow link.
+ *
+ *   deno task bench [--rows 200000] [--rtt 50ms] [--batch-sizes 1000,5000,10000,20000]
+ *                   [--local-url URL --remote-url URL --allow-truncate] [--memory]
+ */
+import { parseArgs } from "node:util";
+import { quoteIdent, readTable } from "../lib/columns.ts";
+import { connect, type Sql } from "../lib/db.ts";
+import { parseDatabaseUrl } from "../lib/db_url.ts";
+import { type EmbeddedServer, startEmbeddedServer } from "../lib/embedded.ts";
+import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
+import { seedReadings } from "../lib/seed.ts";
+import type { BaselineResult } from "./bench_baseline.ts";
+import { type DelayProxy, parseDuration, startDelayProxy } from "./delay_proxy.ts";
+
+const TABLE = "meter_readings";
+/** The seeded backlog, kept aside so that every contender starts from the same rows. */
+const TEMPLATE = "meter_sync_bench_template";
+const DEFAULT_BATCH_SIZES = [1000, 5000, 10000, 20000];
+const MEMORY_ROWS = 1_000_000;
+const MEMORY_TARGET_MIB = 150;
+/** A contender that runs longer than this is killed and reported as failed. */
+const RUN_TIMEOUT_MS = 60 * 60 * 1000;
+
+const HELP = `deno task bench [flags]
+  --rows N              backlog size (default 200000; 1000000 with --memory)
+  --rtt DURATION        simulate a slow link to the remote, e.g. 50ms (a delaying TCP proxy)
+  --batch-sizes LIST    batch sizes tried for meter-sync's best (default ${DEFAULT_BATCH_SIZES})
+  --only LIST           contenders to run: pipe,sync,original (default all three)
+  --memory              only meter-sync, with a ${MEMORY_ROWS}-row backlog, at batch sizes 100
+                        and ${
+  Math.max(...DEFAULT_BATCH_SIZES)
+} (or --batch-sizes): peak RSS against the ${MEMORY_TARGET_MIB} MiB target
+  --no-psql             use the postgres.js COPY pipe for (a) even when psql is on PATH
+  --local-url URL       use these databases instead of two embedded servers; their
+  --remote-url URL      meter_readings tables are truncated (needs --allow-truncate)
+  --results FILE        where to append the results (default bench/RESULTS.md)
+  --no-results          print only`;
+
+interface Options {
+  rows: number;
+  rttMs: number;
+  batchSizes: number[];
+  contenders: Set<"pipe" | "sync" | "original">;
+  memory: boolean;
+  noPsql: boolean;
+  localUrl?: string;
+  remoteUrl?: string;
+  allowTruncate: boolean;
+  results?: string;
+}
+
+function fail(message: string): never {
+  console.error(`bench: ${message}`);
+  Deno.exit(2);
+}
+
+function positiveInt(text: string, flag: string): number {
+  const n = Number(text.replaceAll("_", ""));
+  if (!Number.isInteger(n) || n < 1) fail(`${flag} needs a positive whole number, got "${text}"`);
+  return n;
+}
+
+function parseOptions(args: string[]): Options {
+  const { values } = parseArgs({
+    args,
+    options: {
+      rows: { type: "string" },
+      rtt: { type: "string" },
+      "batch-sizes": { type: "string" },
+      only: { type: "string" },
+      memory: { type: "boolean", default: false },
+      "no-psql": { type: "boolean", default: false },
+      "local-url": { type: "string" },
+      "remote-url": { type: "string" },
+      "allow-truncate": { type: "boolean", default: false },
+      results: { type: "string", default: "bench/RESULTS.md" },
+      "no-results": { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) {
+    console.log(HELP);
+    Deno.exit(0);
+  }
+  const rttMs = values.rtt === undefined ? 0 : parseDuration(values.rtt);
+  if (rttMs === undefined) {
+    fail(`--rtt needs a duration such as 50ms or 0.05s, got "${values.rtt}"`);
+  }
+  const batchSizes = values["batch-sizes"]
+    ? values["batch-sizes"].split(",").map((s) => positiveInt(s.trim(), "--batch-sizes"))
+    : values.memory
+    ? [100, Math.max(...DEFAULT_BATCH_SIZES)]
+    : DEFAULT_BATCH_SIZES;
+  const names = (values.only ?? "pipe,sync,original").split(",").map((s) => s.trim());
+  for (const n of names) {
+    if (n !== "pipe" && n !== "sync" && n !== "original") {
+      fail(`--only takes pipe, sync and original, got "${n}"`);
+    }
+  }
+  if (Boolean(values["local-url"]) !== Boolean(values["remote-url"])) {
+    fail("give both --local-url and --remote-url, or neither (two embedded servers)");
+  }
+  if (values["local-url"] && !values["allow-truncate"]) {
+    fail("the bench truncates meter_readings on both databases: add --allow-truncate");
+  }
+  return {
+    rows: values.rows ? positiveInt(values.rows, "--rows") : values.memory ? MEMORY_ROWS : 200_000,
+    rttMs,
+    batchSizes,
+    contenders: values.memory
+      ? new Set(["sync"])
+      : new Set(names as ("pipe" | "sync" | "original")[]),
+    memory: values.memory,
+    noPsql: values["no-psql"],
+    localUrl: values["local-url"],
+    remoteUrl: values["remote-url"],
+    allowTruncate: values["allow-truncate"],
+    results: values["no-results"] ? undefined : values.results,
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: wall time and peak RSS
+
+/** Reads a process's peak resident set size (VmHWM) in KiB, or undefined once it is gone. */
+async function peakRssKib(pid: number): Promise<number | undefined> {
+  try {
+    const status = await Deno.readTextFile(`/proc/${pid}/status`);
+    const m = /^VmHWM:\s+(\d+) kB/m.exec(status);
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Polls VmHWM (a high-water mark, so the last reading before exit is the peak). */
+function watchRss(pid: number): { stop(): Promise<number> } {
+  let peak = 0;
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      const kib = await peakRssKib(pid);
+      if (kib !== undefined) peak = Math.max(peak, kib);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      await loop;
+      return peak;
+    },
+  };
+}
+
+interface ProcessRun {
+  code: number;
+  seconds: number;
+  peakKib: number[];
+  stdout: string;
+  stderr: string;
+  /** COPY bytes that went through the pipe (psql pipe only). */
+  bytes?: number;
+}
+
+/** The child processes of the contender running now, so that Ctrl-C can stop them. */
+const children = new Set<Deno.ChildProcess>();
+
+function killAll(signal: Deno.Signal = "SIGKILL"): void {
+  for (const child of children) {
+    try {
+      child.kill(signal);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+function baseEnv(): Record<string, string> {
+  const env: Record<string, string> = { NO_COLOR: "1" };
+  for (const key of ["PATH", "HOME", "DENO_DIR", "TMPDIR", "XDG_CACHE_HOME", "LANG"]) {
+    const value = Deno.env.get(key);
+    if (value !== undefined) env[key] = value;
+  }
+  return env;
+}
+
+async function drain(stream: ReadableStream<Uint8Array>): Promise<string> {
+  const chunks: string[] = [];
+  const decoder = new TextDecoder();
+  for await (const chunk of stream) {
+    chunks.push(decoder.decode(chunk, { stream: true }));
+    // Keep the tail only: a long run's log must not fill the bench's memory.
+    if (chunks.length > 2000) chunks.splice(0, 1000);
+  }
+  return chunks.join("");
+}
+
+/** Runs one command, timing it from spawn to exit and watching its peak RSS. */
+async function runProcess(
+  cmd: string,
+  args: string[],
+  env: Record<string, string>,
+): Promise<ProcessRun> {
+  const started = performance.now();
+  const child = new Deno.Command(cmd, {
+    args,
+    env: { ...baseEnv(), ...env },
+    clearEnv: true,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  children.add(child);
+  const rss = watchRss(child.pid);
+  const timer = setTimeout(() => killAll(), RUN_TIMEOUT_MS);
+  const [stdout, stderr, status] = await Promise.all([
+    drain(child.stdout),
+    drain(child.stderr),
+    child.status,
+  ]);
+  const seconds = (performance.now() - started) / 1000;
+  clearTimeout(timer);
+  children.delete(child);
+  return { code: status.code, seconds, peakKib: [await rss.stop()], stdout, stderr };
+}
+
+/** psql LOCAL (COPY TO pstdout) | psql REMOTE (COPY FROM pstdin), counting the bytes between. */
+async function runPsqlPipe(
+  local: PsqlTarget,
+  remote: PsqlTarget,
+  copyOut: string,
+  copyIn: string,
+): Promise<ProcessRun> {
+  const psql = (target: PsqlTarget, command: string, io: "out" | "in") =>
+    new Deno.Command("psql", {
+      args: ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.conninfo, "-c", command],
+      env: { ...baseEnv(), ...target.env },
+      clearEnv: true,
+      stdin: io === "in" ? "piped" : "null",
+      stdout: io === "out" ? "piped" : "null",
+      stderr: "piped",
+    }).spawn();
+  const started = performance.now();
+  const sender = psql(local, copyOut, "out");
+  const receiver = psql(remote, copyIn, "in");
+  children.add(sender);
+  children.add(receiver);
+  const rssSender = watchRss(sender.pid);
+  const rssReceiver = watchRss(receiver.pid);
+  let bytes = 0;
+  const counter = new TransformStream<Uint8Array, Uint8Array>({
+    transform(chunk, controller) {
+      bytes += chunk.length;
+      controller.enqueue(chunk);
+    },
+  });
+  const timer = setTimeout(() => killAll(), RUN_TIMEOUT_MS);
+  const piping = sender.stdout.pipeThrough(counter).pipeTo(receiver.stdin).catch(() => {
+    // the receiver died: its exit code says why
+  });
+  const [errOut, errIn, statusOut, statusIn] = await Promise.all([
+    drain(sender.stderr),
+    drain(receiver.stderr),
+    sender.status,
+    receiver.status,
+    piping,
+  ]);
+  const seconds = (performance.now() - started) / 1000;
+  clearTimeout(timer);
+  children.delete(sender);
+  children.delete(receiver);
+  return {
+    code: statusOut.code || statusIn.code,
+    seconds,
+    peakKib: [await rssSender.stop(), await rssReceiver.stop()],
+    stdout: "",
+    stderr: [errOut, errIn].filter(Boolean).join("\n"),
+    bytes,
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Databases
+
+interface PsqlTarget {
+  /** libpq key=value string, without the password. */
+  conninfo: string;
+  /** PGPASSWORD, so that the password stays out of the process list. */
+  env: Record<string, string>;
+}
+
+function conninfoValue(v: string): string {
+  return `'${v.replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
+}
+
+function psqlTarget(url: string): PsqlTarget {
+  const t = parseDatabaseUrl(url, "bench");
+  const parts: Record<string, string | undefined> = {
+    host: t.host,
+    port: String(t.port),
+    dbname: t.database,
+    user: t.user,
+    sslmode: t.sslmode,
+    sslrootcert: t.sslrootcert,
+    sslcert: t.sslcert,
+    sslkey: t.sslkey,
+    application_name: "meter-sync-bench-psql",
+  };
+  const conninfo = Object.entries(parts)
+    .filter(([, v]) => v !== undefined)
+    .map(([k, v]) => `${k}=${conninfoValue(v!)}`)
+    .join(" ");
+  return { conninfo, env: t.password !== undefined ? { PGPASSWORD: t.password } : {} };
+}
+
+/** The same URL, reached through the proxy. */
+function viaProxy(url: string, proxy: DelayProxy | undefined): string {
+  if (!proxy) return url;
+  const u = new URL(url);
+  u.hostname = proxy.hostname;
+  u.port = String(proxy.port);
+  return u.toString();
+}
+
+async function scalar<T>(sql: Sql, query: string): Promise<T> {
+  const [row] = await sql.unsafe(query);
+  return Object.values(row)[0] as T;
+}
+
+/**
+ * A fingerprint of the table's values in PostgreSQL's own text form: the row count and
+ * an order-independent sum of per-row hashes, so that both sides compare without
+ * moving the data.
+ */
+async function fingerprint(sql: Sql, table: string, columns: string[]): Promise<string> {
+  const row = `ROW(${columns.map((c) => quoteIdent(c)).join(", ")})::text`;
+  return await scalar<string>(
+    sql,
+    `SELECT count(*) || ':' || coalesce(sum(('x' || left(md5(${row}), 16))::bit(64)::int8::numeric), 0)
+       FROM ${quoteIdent(table)}`,
+  );
+}
+
+interface Bench {
+  local: Sql;
+  remote: Sql;
+  localUrl: string;
+  remoteUrl: string;
+  /** Remote columns, in remote order: what every contender moves. */
+  columns: string[];
+  templateFingerprint: string;
+  /** Binary COPY size of the backlog (remote columns), measured once. */
+  copyBytes?: number;
+}
+
+async function resetDatabases(b: Bench): Promise<number> {
+  const started = performance.now();
+  await b.local.unsafe(`TRUNCATE ${TABLE}, meter_sync_quarantine`);
+  await b.local.unsafe(`INSERT INTO ${TABLE} SELECT * FROM ${TEMPLATE}`);
+  await b.remote.unsafe(`TRUNCATE ${TABLE}`);
+  // Every contender starts from fresh statistics, a set visibility map and no dirty pages.
+  await b.local.unsafe(`VACUUM (ANALYZE) ${TABLE}`);
+  await b.remote.unsafe(`VACUUM (ANALYZE) ${TABLE}`);
+  await Promise.all([b.local.unsafe("CHECKPOINT"), b.remote.unsafe("CHECKPOINT")]);
+  return (performance.now() - started) / 1000;
+}
+
+interface Verification {
+  ok: boolean;
+  detail: string;
+  identical: boolean;
+}
+
+/** The pipe only copies: it leaves the local rows, the agents must have deleted them. */
+async function verify(b: Bench, rows: number, localEmptied: boolean): Promise<Verification> {
+  const [r] = await b.remote.unsafe<{ n: string; d: string }[]>(
+    `SELECT count(*) AS n, count(DISTINCT id) AS d FROM ${TABLE}`,
+  );
+  const left = Number(await scalar<string>(b.local, `SELECT count(*) FROM ${TABLE}`));
+  const problems: string[] = [];
+  if (Number(r.n) !== rows) problems.push(`remote has ${r.n} rows, expected ${rows}`);
+  if (Number(r.d) !== Number(r.n)) problems.push(`remote has ${r.d} distinct ids in ${r.n} rows`);
+  if (localEmptied && left !== 0) problems.push(`${left} rows left in the local table`);
+  const identical = problems.length === 0 &&
+    (await fingerprint(b.remote, TABLE, b.columns)) === b.templateFingerprint;
+  return { ok: problems.length === 0, detail: problems.join("; "), identical };
+}
+
+// ---------------------------------------------------------------------------------------
+// Contenders
+
+interface Outcome {
+  key: string;
+  label: string;
+  batchSize?: number;
+  seconds: number;
+  /** Seconds measured inside the process (without its start-up), when it says. */
+  innerSeconds?: number;
+  peakKib: number[];
+  ok: boolean;
+  failure?: string;
+  identical: boolean;
+}
+
+function tail(text: string, lines = 8): string {
+  return text.trim().split("\n").slice(-lines).join("\n");
+}
+
+async function runPipe(b: Bench, remoteUrl: string, usePsql: boolean): Promise<ProcessRun> {
+  const cols = b.columns.map((c) => quoteIdent(c)).join(", ");
+  if (usePsql) {
+    return await runPsqlPipe(
+      psqlTarget(b.localUrl),
+      psqlTarget(remoteUrl),
+      `\\copy (SELECT ${cols} FROM ${TABLE}) TO pstdout (FORMAT binary)`,
+      `\\copy ${TABLE} (${cols}) FROM pstdin (FORMAT binary)`,
+    );
+  }
+  const run = await runProcess(Deno.execPath(), [
+    "run",
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+    new URL("./bench_baseline.ts", import.meta.url).pathname,
+    "pipe",
+  ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
+  const result = parseBaseline(run.stdout);
+  return { ...run, bytes: result?.bytes };
+}
+
+function parseBaseline(stdout: string): BaselineResult | undefined {
+  try {
+    return JSON.parse(stdout.trim().split("\n").at(-1) ?? "");
+  } catch {
+    return undefined;
+  }
+}
+
+/** The seconds of the cycle's summary log line ("uploaded N readings in ... s"). */
+function cycleSeconds(stderr: string): number | undefined {
+  for (const line of stderr.split("\n").reverse()) {
+    if (!line.includes('"uploaded')) continue;
+    try {
+      const record = JSON.parse(line);
+      const s = record.properties?.seconds;
+      if (typeof s === "number") return s;
+    } catch {
+      // not a JSON line
+    }
+  }
+  return undefined;
+}
+
+function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {
+  return runProcess(Deno.execPath(), [
+    "run",
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+    new URL("../main.ts", import.meta.url).pathname,
+    "upload",
+    "--batch-size",
+    String(batchSize),
+    "--log-format",
+    "json",
+  ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
+}
+
+function runOriginal(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {
+  return runProcess(Deno.execPath(), [
+    "run",
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+    new URL("./bench_baseline.ts", import.meta.url).pathname,
+    "original",
+    "--batch-size",
+    String(batchSize),
+  ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
+}
+
+async function measure(
+  b: Bench,
+  rows: number,
+  spec: { key: string; label: string; batchSize?: number },
+  run: () => Promise<ProcessRun>,
+): Promise<Outcome> {
+  const resetSeconds = await resetDatabases(b);
+  console.log(`\n${spec.label}: reset in ${resetSeconds.toFixed(1)} s, running ...`);
+  const result = await run();
+  const check = await verify(b, rows, spec.key !== "pipe");
+  let failure: string | undefined;
+  if (result.code !== 0) failure = `exit code ${result.code}: ${tail(result.stderr)}`;
+  else if (!check.ok) failure = check.detail;
+  let innerSeconds: number | undefined;
+  if (spec.key.startsWith("sync")) innerSeconds = cycleSeconds(result.stderr);
+  else if (spec.key === "original") innerSeconds = parseBaseline(result.stdout)?.seconds;
+  if (spec.key === "pipe" && result.bytes) b.copyBytes ??= result.bytes;
+  const outcome: Outcome = {
+    ...spec,
+    seconds: result.seconds,
+    innerSeconds,
+    peakKib: result.peakKib,
+    ok: failure === undefined,
+    failure,
+    identical: check.identical,
+  };
+  console.log(
+    failure
+      ? `  FAILED: ${failure}`
+      : `  ${result.seconds.toFixed(2)} s, ${Math.round(rows / result.seconds)} rows/s, peak RSS ${
+        rssText(outcome.peakKib)
+      }${check.identical ? "" : ", VALUES DIFFER from the seeded rows"}`,
+  );
+  return outcome;
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+
+function rssText(kib: number[]): string {
+  return kib.map((k) => (k / 1024).toFixed(0)).join(" + ") + " MiB";
+}
+
+interface Machine {
+  date: string;
+  cpus: string;
+  memory: string;
+  cpu: string;
+  deno: string;
+  os: string;
+  postgres: string;
+  psql: string;
+}
+
+async function machine(local: Sql): Promise<Machine> {
+  const read = (path: string) => Deno.readTextFile(path).catch(() => "");
+  const cpuinfo = await read("/proc/cpuinfo");
+  const meminfo = await read("/proc/meminfo");
+  const memKib = Number(/^MemTotal:\s+(\d+)/m.exec(meminfo)?.[1] ?? 0);
+  let nproc = String(navigator.hardwareConcurrency);
+  try {
+    const out = await new Deno.Command("nproc", { stdout: "piped", stderr: "null" }).output();
+    if (out.success) nproc = new TextDecoder().decode(out.stdout).trim();
+  } catch {
+    // no nproc: the runtime's count
+  }
+  let psql = "not on PATH";
+  try {
+    const out = await new Deno.Command("psql", { args: ["--version"], stdout: "piped" }).output();
+    if (out.success) psql = new TextDecoder().decode(out.stdout).trim();
+  } catch {
+    // stays "not on PATH"
+  }
+  const settings = await local.unsafe<{ name: string; setting: string }[]>(
+    `SELECT name, setting FROM pg_settings
+      WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers')
+      ORDER BY name`,
+  );
+  const version = await scalar<string>(local, "SHOW server_version");
+  return {
+    date: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
+    cpus: nproc,
+    memory: `${(memKib / 1024 / 1024).toFixed(1)} GiB`,
+    cpu: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1].trim() ?? "unknown",
+    deno: Deno.version.deno,
+    os: `${Deno.build.os} ${Deno.osRelease()}`,
+    postgres: `${version} (${settings.map((s) => `${s.name}=${s.setting}`).join(", ")})`,
+    psql,
+  };
+}
+
+function table(outcomes: Outcome[], rows: number, copyBytes: number | undefined): string[] {
+  const pipe = outcomes.find((o) => o.key === "pipe" && o.ok);
+  const pipeRate = pipe ? rows / pipe.seconds : undefined;
+  const lines = [
+    "| contender | batch | wall s | in-process s | rows/s | MB/s | vs (a) | peak RSS | values | result |",
+    "|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+  ];
+  for (const o of outcomes) {
+    const rate = rows / o.seconds;
+    const cells = [
+      o.label,
+      o.batchSize === undefined ? "-" : String(o.batchSize),
+      o.seconds.toFixed(2),
+      o.innerSeconds === undefined ? "-" : o.innerSeconds.toFixed(2),
+      o.ok ? Math.round(rate).toLocaleString("en-US") : "-",
+      o.ok && copyBytes ? (copyBytes / 1e6 / o.seconds).toFixed(1) : "-",
+      o.ok && pipeRate ? (rate / pipeRate).toFixed(2) : "-",
+      rssText(o.peakKib),
+      o.ok ? (o.identical ? "identical" : "DIFFER") : "-",
+      o.ok ? "ok" : `FAILED: ${o.failure?.split("\n")[0].slice(0, 120)}`,
+    ];
+    lines.push(`| ${cells.join(" | ")} |`);
+  }
+  return lines;
+}
+
+function targets(outcomes: Outcome[], rows: number, rttMs: number, memory: boolean): string[] {
+  const ok = outcomes.filter((o) => o.ok);
+  const rate = (o: Outcome | undefined) => (o ? rows / o.seconds : undefined);
+  const lines: string[] = [];
+  const verdict = (pass: boolean) => (pass ? "met" : "MISSED");
+  if (memory) {
+    for (const o of ok.filter((o) => o.key.startsWith("sync"))) {
+      const mib = o.peakKib[0] / 1024;
+      lines.push(
+        `- peak RSS of meter-sync at batch ${o.batchSize} with ${rows} rows: ${
+          mib.toFixed(0)
+        } MiB (target <= ${MEMORY_TARGET_MIB} MiB): ${verdict(mib <= MEMORY_TARGET_MIB)}`,
+      );
+    }
+    return lines;
+  }
+  const pipe = rate(ok.find((o) => o.key === "pipe"));
+  const original = rate(ok.find((o) => o.key === "original"));
+  const at100 = rate(ok.find((o) => o.key === "sync" && o.batchSize === 100));
+  const syncs = ok.filter((o) => o.key === "sync");
+  const best = syncs.sort((x, y) => x.seconds - y.seconds)[0];
+  const [vsPipe, vsOriginal] = rttMs > 0 ? [0.7, 5] : [0.8, 2.5];
+  if (best && pipe) {
+    const r = rate(best)! / pipe;
+    lines.push(
+      `- meter-sync at its best batch size (${best.batchSize}): ${
+        r.toFixed(2)
+      } of (a) (target >= ${vsPipe}): ${verdict(r >= vsPipe)}`,
+    );
+  }
+  if (at100 && original) {
+    const r = at100 / original;
+    lines.push(
+      `- meter-sync at batch size 100: ${r.toFixed(2)} times (c) (target >= ${vsOriginal}): ${
+        verdict(r >= vsOriginal)
+      }`,
+    );
+  }
+  return lines;
+}
+
+async function appendResults(path: string, section: string): Promise<void> {
+  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) : ".";
+  await Deno.mkdir(dir || "/", { recursive: true });
+  let existing = "";
+  try {
+    existing = await Deno.readTextFile(path);
+  } catch {
+    existing = "# meter-sync benchmark results\n\n" +
+      "Appended by `deno task bench` (scripts/bench.ts), newest last. Figures from a shared\n" +
+      "machine are noisy: compare rows within one section, not across sections.\n";
+  }
+  await Deno.writeTextFile(path, `${existing.trimEnd()}\n\n${section.trim()}\n`);
+}
+
+// ---------------------------------------------------------------------------------------
+
+async function main(): Promise<number> {
+  const opts = parseOptions(Deno.args);
+  const servers: EmbeddedServer[] = [];
+  let proxy: DelayProxy | undefined;
+  const dbs: Sql[] = [];
+  const cleanup = async () => {
+    killAll();
+    await proxy?.close();
+    for (const sql of dbs) await sql.end({ timeout: 2 }).catch(() => {});
+    for (const s of servers) await s.dispose().catch(() => {});
+  };
+  const onSignal = () => {
+    console.error("\nbench: interrupted, stopping the servers");
+    cleanup().finally(() => Deno.exit(130));
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  try {
+    let localUrl = opts.localUrl;
+    let remoteUrl = opts.remoteUrl;
+    if (!localUrl || !remoteUrl) {
+      console.log("starting two embedded PostgreSQL servers (durable settings: fsync on) ...");
+      const started = await Promise.allSettled([
+        startEmbeddedServer({ name: "bench-local" }),
+        startEmbeddedServer({ name: "bench-remote" }),
+      ]);
+      for (const s of started) if (s.status === "fulfilled") servers.push(s.value);
+      const failed = started.find((s) => s.status === "rejected");
+      if (failed) throw new Error(`an embedded server did not start: ${failed.reason}`);
+      const [l, r] = servers;
+      await Promise.all([l.createDatabase("gateway"), r.createDatabase("central")]);
+      localUrl = l.url("gateway");
+      remoteUrl = r.url("central");
+    }
+    const local = await connect(parseDatabaseUrl(localUrl, "local"), { max: 2 });
+    const remote = await connect(parseDatabaseUrl(remoteUrl, "remote"), { max: 2 });
+    dbs.push(local, remote);
+    await migrate(local, await loadMigrations(migrationsDir("local")));
+    await migrate(remote, await loadMigrations(migrationsDir("remote")));
+    console.log("both databases migrated");
+
+    const remoteInfo = await readTable(remote, TABLE);
+    const columns = remoteInfo!.columns.filter((c) => !c.generated).map((c) => c.name);
+
+    // The backlog, seeded once into a template table; not part of any measurement.
+    const existing = await scalar<boolean>(local, `SELECT to_regclass('${TEMPLATE}') IS NOT NULL`);
+    const templateRows = existing
+      ? Number(await scalar<string>(local, `SELECT count(*) FROM ${TEMPLATE}`))
+      : -1;
+    if (templateRows !== opts.rows) {
+      await local.unsafe(`DROP TABLE IF EXISTS ${TEMPLATE}`);
+      await local.unsafe(
+        `CREATE UNLOGGED TABLE ${TEMPLATE} (LIKE ${TABLE} INCLUDING DEFAULTS)`,
+      );
+      const started = performance.now();
+      let shown = 0;
+      await seedReadings(local, {
+        count: opts.rows,
+        table: TEMPLATE,
+        onProgress: (done) => {
+          if (done - shown >= 100_000 || done === opts.rows) {
+            shown = done;
+            console.log(`  seeded ${done} of ${opts.rows} readings`);
+          }
+        },
+      });
+      console.log(
+        `seeded ${opts.rows} readings in ${((performance.now() - started) / 1000).toFixed(1)} s`,
+      );
+    } else {
+      console.log(`reusing the ${opts.rows}-row backlog in ${TEMPLATE}`);
+    }
+    await local.unsafe(`VACUUM (ANALYZE) ${TEMPLATE}`);
+    const bench: Bench = {
+      local,
+      remote,
+      localUrl,
+      remoteUrl,
+      columns,
+      templateFingerprint: await fingerprint(local, TEMPLATE, columns),
+    };
+
+    if (opts.rttMs > 0) {
+      const target = parseDatabaseUrl(remoteUrl, "remote");
+      proxy = startDelayProxy(
+        { hostname: target.host, port: target.port },
+        { oneWayMs: opts.rttMs / 2 },
+      );
+      console.log(
+        `remote reached through a delaying proxy on 127.0.0.1:${proxy.port} (rtt ${opts.rttMs} ms)`,
+      );
+      const perBatch = 4 * opts.rttMs / 1000;
+      const slow = (opts.contenders.has("sync") ? 1 : 0) +
+        (opts.contenders.has("original") ? 1 : 0);
+      const minutes = (slow * Math.ceil(opts.rows / 100) * perBatch) / 60;
+      if (minutes > 5) {
+        console.log(
+          `  note: at batch size 100 every batch costs several round trips; expect roughly ${
+            Math.round(minutes)
+          } minutes for the batch-100 runs (--rows shortens it)`,
+        );
+      }
+    }
+    const contenderRemote = viaProxy(remoteUrl, proxy);
+
+    const hasPsql = await new Deno.Command("psql", { args: ["--version"], stdout: "null" })
+      .output().then((o) => o.success, () => false);
+    const usePsql = hasPsql && !opts.noPsql;
+    const pipeLabel = usePsql ? "(a) psql COPY pipe" : "(a) postgres.js COPY pipe";
+    if (opts.contenders.has("pipe") && !usePsql) {
+      console.log(
+        hasPsql
+          ? "(a) uses the postgres.js COPY pipe (--no-psql)"
+          : "psql is not on PATH: (a) uses the best pipe postgres.js allows (COPY TO readable -> COPY FROM writable)",
+      );
+    }
+
+    // Module graphs compiled and cached before anything is timed.
+    for (const script of ["../main.ts", "./bench_baseline.ts"]) {
+      await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          new URL(script, import.meta.url).pathname,
+          script.includes("main") ? "--version" : "warmup",
+        ],
+        stdout: "null",
+        stderr: "null",
+      }).output();
+    }
+
+    const outcomes: Outcome[] = [];
+    const rows = opts.rows;
+    if (opts.contenders.has("pipe")) {
+      outcomes.push(
+        await measure(
+          bench,
+          rows,
+          { key: "pipe", label: pipeLabel },
+          () => runPipe(bench, contenderRemote, usePsql),
+        ),
+      );
+    }
+    if (opts.contenders.has("sync")) {
+      const sizes = opts.memory
+        ? opts.batchSizes
+        : [100, ...opts.batchSizes.filter((n) => n !== 100)];
+      for (const size of sizes) {
+        outcomes.push(
+          await measure(
+            bench,
+            rows,
+            { key: "sync", label: `(b) meter-sync upload`, batchSize: size },
+            () => runSync(bench, contenderRemote, size),
+          ),
+        );
+      }
+    }
+    if (opts.contenders.has("original")) {
+      outcomes.push(
+        await measure(
+          bench,
+          rows,
+          { key: "original", label: "(c) original design", batchSize: 100 },
+          () => runOriginal(bench, contenderRemote, 100),
+        ),
+      );
+    }
+
+    // Mark meter-sync's best batch size.
+    const best = outcomes.filter((o) =>
+      o.key === "sync" && o.ok
+    ).sort((a, b) => a.seconds - b.seconds)[0];
+    if (best && !opts.memory) best.label += " (best)";
+
+    const info = await machine(local);
+    const mb = bench.copyBytes;
+    const lines = [
+      `## ${info.date}: ${opts.memory ? "memory, " : ""}${rows.toLocaleString("en-US")} rows, ${
+        opts.rttMs ? `rtt ${opts.rttMs} ms` : "loopback"
+      }`,
+      "",
+      `- machine: ${info.cpus} CPUs (${info.cpu}), ${info.memory} RAM, ${info.os}`,
+      `- Deno ${info.deno}; PostgreSQL ${info.postgres}; ${info.psql}`,
+      `- servers: ${opts.localUrl ? "given URLs" : "two embedded servers on loopback"}${
+        opts.rttMs ? `; the remote behind a delaying TCP proxy (${opts.rttMs / 2} ms each way)` : ""
+      }`,
+      `- MB/s: the binary COPY size of the backlog's remote columns (${
+        mb
+          ? `${(mb / 1e6).toFixed(1)} MB, counted in the pipe of (a)`
+          : "not measured: (a) did not run"
+      }) over wall time; MB = 10^6 bytes`,
+      "- wall s: from spawn to exit of the contender's process(es), start-up included; " +
+      "in-process s: the cycle's own figure (meter-sync's summary log line, the baseline's timer)",
+      "- peak RSS: VmHWM of each process (the two psql processes of (a): sender + receiver)",
+      "- values: a hash of every remote row in PostgreSQL's text form equals the seeded rows'",
+      "",
+      ...table(outcomes, rows, mb),
+      "",
+      ...targets(outcomes, rows, opts.rttMs, opts.memory),
+    ];
+    const section = lines.join("\n");
+    console.log(`\n${section}\n`);
+    if (opts.results) {
+      await appendResults(opts.results, section);
+      console.log(`appended to ${opts.results}`);
+    }
+    return outcomes.every((o) => o.ok) ? 0 : 1;
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    await cleanup();
+  }
+}
+
+if (import.meta.main) Deno.exit(await main());

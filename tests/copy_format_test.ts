@@ -1,0 +1,268 @@
+/** Tests of lib/copy_format.ts against COPY data written and read by a real PostgreSQL server. */
+import assert from "node:assert/strict";
+import { freshDb, type Sql } from "./_harness.ts";
+import {
+  BINARY_HEADER,
+  BINARY_TRAILER,
+  type CopyFormat,
+  payloadOf,
+  rowPayload,
+  splitRows,
+} from "../lib/copy_format.ts";
+import { connect, resumeSockets } from "../lib/db.ts";
+import { parseDatabaseUrl } from "../lib/db_url.ts";
+
+const FORMATS: CopyFormat[] = ["binary", "text"];
+
+type CopyQuery = Promise<unknown> & {
+  reject: (err: unknown) => void;
+  readable(): Promise<NodeJS.ReadableStream>;
+  writable(): Promise<NodeJS.WritableStream>;
+};
+
+const formatOption = (format: CopyFormat) => (format === "binary" ? " (FORMAT binary)" : "");
+
+/**
+ * Runs COPY ... TO STDOUT and returns the bytes, read the way lib/upload.ts reads them
+ * (flowing mode, then resumeSockets() for porsager/postgres#499).
+ */
+async function copyOut(sql: Sql, query: string, format: CopyFormat): Promise<Uint8Array> {
+  const stream =
+    await (sql.unsafe(`COPY (${query}) TO STDOUT${formatOption(format)}`) as unknown as CopyQuery)
+      .readable();
+  const chunks: Uint8Array[] = [];
+  await new Promise<void>((resolve, reject) => {
+    stream.on("data", (chunk: Uint8Array) => chunks.push(new Uint8Array(chunk)));
+    stream.on("end", () => resolve());
+    stream.on("error", reject);
+  });
+  resumeSockets(sql);
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+/**
+ * Writes a payload with COPY ... FROM STDIN. An error the server sends after the data
+ * reaches only query.reject (see copyIn in lib/upload.ts), so that is hooked too.
+ */
+async function copyIn(
+  sql: Sql,
+  table: string,
+  payload: Uint8Array,
+  format: CopyFormat,
+): Promise<void> {
+  const query = sql.unsafe(
+    `COPY ${table} FROM STDIN${formatOption(format)}`,
+  ) as unknown as CopyQuery;
+  let fail: (err: unknown) => void = () => {};
+  let failure: unknown;
+  const reject = query.reject;
+  query.reject = (err: unknown) => {
+    failure ??= err;
+    fail(err);
+    reject(err);
+  };
+  const stream = await query.writable();
+  await new Promise<void>((resolve, rejectCopy) => {
+    if (failure) return rejectCopy(failure);
+    fail = rejectCopy;
+    stream.on("error", (err) => rejectCopy(failure ?? err));
+    stream.on("finish", () => resolve());
+    if (payload.length) stream.write(payload);
+    stream.end();
+  });
+  // A round trip after the COPY: a server-side failure has surely arrived by then.
+  await sql`SELECT 1`;
+  if (failure) throw failure;
+}
+
+/** A database with table `src` of awkward values (uuid first) and an empty twin `dst`. */
+async function fixture() {
+  const db = await freshDb();
+  // lib/db.ts: the engine's own connection (no Nagle, socket resumed after COPY TO).
+  const sql = await connect(parseDatabaseUrl(db.url, "test"), { max: 1 });
+  await sql.unsafe(`
+    CREATE TABLE src (
+      id uuid PRIMARY KEY,
+      n integer NOT NULL,
+      label text,
+      amount numeric,
+      payload jsonb,
+      flags text[],
+      big bigint,
+      at timestamptz,
+      ratio double precision
+    );
+    CREATE TABLE dst (LIKE src INCLUDING ALL);
+    INSERT INTO src
+    SELECT md5(g::text)::uuid, g,
+           CASE g % 7
+             WHEN 0 THEN NULL
+             WHEN 1 THEN E'tab\\there, newline\\nthere, cr\\rhere'
+             WHEN 2 THEN E'back\\\\slash \\\\N and \\\\.'
+             WHEN 3 THEN 'quotes '' " and Zähler ✓ 電気'
+             WHEN 4 THEN ''
+             WHEN 5 THEN E'\\\\.'
+             ELSE repeat('x', g * 37)
+           END,
+           CASE WHEN g % 5 = 0 THEN NULL ELSE (g * 1234567.0001)::numeric / 7 END,
+           CASE WHEN g % 4 = 0 THEN NULL
+                ELSE jsonb_build_object('g', g, 'note', E'a\\tb\\nc\\\\d "q"', 'list', jsonb_build_array(1, null, 'x'))
+           END,
+           CASE g % 3
+             WHEN 0 THEN NULL
+             WHEN 1 THEN ARRAY[NULL, 'a b', E'tab\\t', NULL]::text[]
+             ELSE ARRAY['{braces}', 'NULL', '"quoted"', E'back\\\\slash']::text[]
+           END,
+           CASE WHEN g % 6 = 0 THEN NULL ELSE 9007199254740993 + g END,
+           '2024-03-01 12:34:56.123456+00'::timestamptz + g * interval '1 minute 0.000001 second',
+           CASE WHEN g % 8 = 0 THEN NULL ELSE 1.0 / g END
+      FROM generate_series(1, 40) AS g;
+    INSERT INTO src (id, n) VALUES ('00000000-0000-0000-0000-000000000000', 0),
+                                   ('ffffffff-ffff-ffff-ffff-ffffffffffff', 41);
+  `).simple();
+  return {
+    sql,
+    async [Symbol.asyncDispose]() {
+      await sql.end({ timeout: 1 });
+      await db[Symbol.asyncDispose]();
+    },
+  };
+}
+
+const ORDERED = "SELECT * FROM src ORDER BY n";
+
+/** The rows of a table as PostgreSQL prints them, sorted. */
+async function rowTexts(sql: Sql, from: string): Promise<string[]> {
+  const rows = await sql.unsafe<{ t: string }[]>(`SELECT t::text AS t FROM ${from} t ORDER BY 1`);
+  return rows.map((r) => r.t);
+}
+
+for (const format of FORMATS) {
+  Deno.test(`splitRows() finds every row of ${format} COPY output and the key of each`, async () => {
+    await using f = await fixture();
+    const data = await copyOut(f.sql, ORDERED, format);
+    const batch = splitRows(data, format);
+    const ids = (await f.sql.unsafe<{ id: string }[]>(`SELECT id::text AS id FROM src ORDER BY n`))
+      .map((r) => r.id);
+    assert.equal(batch.format, format);
+    assert.equal(ids.length, 42);
+    assert.deepEqual(batch.keys, ids);
+    assert.equal(batch.starts.length, ids.length);
+    assert.equal(batch.ends.length, ids.length);
+    // Rows are contiguous: each starts where the previous ended.
+    for (let i = 1; i < ids.length; i++) assert.equal(batch.starts[i], batch.ends[i - 1]);
+    if (format === "text") {
+      assert.equal(batch.starts[0], 0);
+      assert.equal(batch.ends.at(-1), data.length);
+    } else {
+      assert.equal(batch.starts[0], BINARY_HEADER.length);
+      assert.equal(batch.ends.at(-1), data.length - BINARY_TRAILER.length);
+    }
+  });
+
+  Deno.test(`payloadOf() subsets of ${format} COPY output load back into PostgreSQL unchanged`, async () => {
+    await using f = await fixture();
+    const batch = splitRows(await copyOut(f.sql, ORDERED, format), format);
+    const n = batch.keys.length;
+    const ranges: [number, number][] = [
+      [0, n],
+      [0, 1],
+      [n - 1, n],
+      [1, 2],
+      [3, 17],
+      [0, n - 1],
+      [1, n],
+      [20, 21],
+    ];
+    for (const [from, to] of ranges) {
+      await f.sql`TRUNCATE dst`;
+      await copyIn(f.sql, "dst", payloadOf(batch, from, to), format);
+      const expected = await rowTexts(
+        f.sql,
+        `(SELECT * FROM src WHERE id = ANY ('{${batch.keys.slice(from, to).join(",")}}'::uuid[]))`,
+      );
+      assert.equal(expected.length, to - from);
+      assert.deepEqual(await rowTexts(f.sql, "dst"), expected, `rows ${from}..${to}`);
+    }
+  });
+
+  Deno.test(`payloadOf() pieces of ${format} COPY output together rebuild the whole table`, async () => {
+    await using f = await fixture();
+    const batch = splitRows(await copyOut(f.sql, ORDERED, format), format);
+    const n = batch.keys.length;
+    // Single rows (as the quarantine bisection sends them) and uneven runs.
+    const cuts = [0, 1, 2, 5, 13, 14, 30, n - 1, n];
+    for (let i = 0; i + 1 < cuts.length; i++) {
+      await copyIn(f.sql, "dst", payloadOf(batch, cuts[i], cuts[i + 1]), format);
+    }
+    assert.deepEqual(await rowTexts(f.sql, "dst"), await rowTexts(f.sql, "src"));
+  });
+
+  Deno.test(`rowPayload() of ${format} COPY output is one complete row`, async () => {
+    await using f = await fixture();
+    const batch = splitRows(await copyOut(f.sql, ORDERED, format), format);
+    const i = batch.keys.indexOf("00000000-0000-0000-0000-000000000000");
+    assert.ok(i >= 0);
+    const one = rowPayload(batch, i);
+    assert.deepEqual(splitRows(one, format).keys, [batch.keys[i]]);
+    await copyIn(f.sql, "dst", one, format);
+    assert.deepEqual(
+      await rowTexts(f.sql, "dst"),
+      await rowTexts(f.sql, `(SELECT * FROM src WHERE n = 0)`),
+    );
+  });
+
+  Deno.test(`splitRows() of ${format} COPY output with no rows finds none, and the payload loads`, async () => {
+    await using f = await fixture();
+    const data = await copyOut(f.sql, "SELECT * FROM src WHERE false", format);
+    assert.equal(
+      data.length,
+      format === "binary" ? BINARY_HEADER.length + BINARY_TRAILER.length : 0,
+    );
+    const batch = splitRows(data, format);
+    assert.deepEqual(batch.keys, []);
+    assert.deepEqual(batch.starts, []);
+    const payload = payloadOf(batch, 0, 0);
+    await copyIn(f.sql, "dst", payload, format);
+    const [{ count }] = await f.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM dst`;
+    assert.equal(count, 0);
+  });
+}
+
+Deno.test("splitRows() of an empty buffer finds no rows in either format", () => {
+  for (const format of FORMATS) assert.deepEqual(splitRows(new Uint8Array(0), format).keys, []);
+});
+
+Deno.test("splitRows() refuses binary COPY data whose first column is not a uuid", async () => {
+  await using f = await fixture();
+  const bigintFirst = await copyOut(f.sql, "SELECT n::bigint, id FROM src ORDER BY n", "binary");
+  assert.throws(() => splitRows(bigintFirst, "binary"), /key is 8 bytes, expected a 16-byte uuid/);
+  const textFirst = await copyOut(f.sql, "SELECT label, id FROM src WHERE n = 6", "binary");
+  assert.throws(() => splitRows(textFirst, "binary"), /expected a 16-byte uuid/);
+  const nullFirst = await copyOut(f.sql, "SELECT NULL::uuid, id FROM src WHERE n = 1", "binary");
+  assert.throws(() => splitRows(nullFirst, "binary"), /expected a 16-byte uuid/);
+});
+
+Deno.test("splitRows() refuses data that is not binary COPY at all", async () => {
+  await using f = await fixture();
+  const text = await copyOut(f.sql, ORDERED, "text");
+  assert.throws(() => splitRows(text, "binary"), /not binary COPY data/);
+});
+
+Deno.test("a binary payload cut short inside a row is rejected by the server, not loaded in part", async () => {
+  // Guards the helpers above: a broken payload must fail these tests, not pass unnoticed.
+  await using f = await fixture();
+  const batch = splitRows(await copyOut(f.sql, ORDERED, "binary"), "binary");
+  const payload = payloadOf(batch, 2, 9);
+  // Past the trailer (which the server does not insist on) into the last row's data.
+  const cut = payload.subarray(0, payload.length - BINARY_TRAILER.length - 3);
+  await assert.rejects(copyIn(f.sql, "dst", cut, "binary"), /unexpected EOF|COPY/i);
+  const [{ count }] = await f.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM dst`;
+  assert.equal(count, 0);
+});
