@@ -66,7 +66,8 @@ export async function withDatabases<T>(
 export async function openPools(config: Config): Promise<{ local: Pool; remote: Pool }> {
   const warn = (message: string) => log.warn(message);
   const options = { pgpassFile: config.pgpassFile, warn };
-  const local = await openPool(config.local!, options);
+  // Two local connections: the next batch is claimed while the current one travels.
+  const local = await openPool(config.local!, { ...options, max: 2 });
   const remote = await openPool(config.remote!, options);
   return { local, remote };
 }

@@ -182,6 +182,22 @@ function copyErrorLine(err: unknown): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
+/** A claimed batch whose local transaction stays open until finish() is called. */
+interface Claim {
+  batch: CopyBatch;
+  bytes: number;
+  finish: (outcome: Delivery | Error) => void;
+  /** Settles when the local transaction has committed (or rolled back). */
+  done: Promise<void>;
+}
+
+function localDeleteError(err: unknown): LocalDeleteError {
+  return new LocalDeleteError(
+    `the remote has the batch, but the local delete failed: ${describeError(err)}`,
+    { cause: err },
+  );
+}
+
 interface Delivery {
   /** Size of the batch's COPY data. */
   bytes: number;
@@ -309,48 +325,119 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     }
   };
 
-  /** One batch: claim, write remotely, delete locally in the claiming transaction. */
-  const runBatch = async (): Promise<Delivery | undefined> => {
-    let phase = "claim" as "claim" | "remote" | "local";
-    try {
-      return await deps.local.sql.begin(async (tx) => {
+  /**
+   * Opens a local transaction that claims the next batch and keeps it open: the
+   * caller writes the batch remotely, then calls finish() with the outcome, which
+   * deletes the delivered rows and commits (or, given an error, rolls back).
+   */
+  const claim = (): Promise<Claim | undefined> =>
+    new Promise((resolveClaim, rejectClaim) => {
+      let finish!: (outcome: Delivery | Error) => void;
+      const outcome = new Promise<Delivery | Error>((r) => (finish = r));
+      let claimed = false;
+      let done!: Promise<void>;
+      const tx = deps.local.sql.begin(async (tx) => {
         // The queue is read in index order; with stale statistics after a big drain the
         // planner would otherwise sort the whole table for every batch.
         await tx.unsafe("SET LOCAL enable_seqscan = off");
         const data = await copyOut(tx, sql.claim(batchSize));
         resumeSockets(deps.local.sql);
         const batch = splitRows(data, format);
-        if (batch.keys.length === 0) return undefined;
-        phase = "remote";
-        const out: Delivery = {
-          bytes: data.length,
-          onRemote: [],
-          inserted: 0,
-          skipped: 0,
-          rejected: [],
-        };
-        await deliver(batch, 0, batch.keys.length, false, out);
-        phase = "local";
-        if (out.onRemote.length) {
-          const removed = await tx.unsafe(sql.remove, [pgArray(out.onRemote)]);
-          if (removed.count !== out.onRemote.length) {
-            throw new Error(
-              `deleted ${removed.count} of ${out.onRemote.length} claimed readings; rolling back`,
-            );
+        if (batch.keys.length === 0) return resolveClaim(undefined);
+        claimed = true;
+        resolveClaim({ batch, bytes: data.length, finish, done });
+        const out = await outcome;
+        if (out instanceof Error) throw out; // roll back: the rows stay queued
+        try {
+          if (out.onRemote.length) {
+            const removed = await tx.unsafe(sql.remove, [pgArray(out.onRemote)]);
+            if (removed.count !== out.onRemote.length) {
+              throw new Error(
+                `deleted ${removed.count} of ${out.onRemote.length} claimed readings`,
+              );
+            }
           }
+          await quarantineRows(tx, out.rejected);
+        } catch (err) {
+          throw localDeleteError(err);
         }
-        await quarantineRows(tx, out.rejected);
-        return out;
       });
+      // The commit can fail too, after the remote committed: also a local delete error.
+      done = tx.then(() => undefined, (err) => {
+        if (!claimed) return rejectClaim(err);
+        throw err instanceof LocalDeleteError ? err : localDeleteError(err);
+      });
+      done.catch(() => {}); // awaited by whoever holds the claim
+    });
+
+  /** The prefetched claim of the next batch, taken while the current one travels. */
+  let prefetched: Promise<Claim | undefined> | undefined;
+  const dropPrefetched = async () => {
+    const p = prefetched;
+    prefetched = undefined;
+    const c = await p?.catch(() => undefined);
+    if (c) {
+      c.finish(new Error("abandoned"));
+      await c.done.catch(() => {});
+    }
+  };
+
+  /** One batch: claim (or take the prefetched claim), write remotely, delete locally. */
+  const runBatch = async (): Promise<Delivery | undefined> => {
+    let current: Claim | undefined;
+    try {
+      current = await (prefetched ?? claim());
     } catch (err) {
-      if (phase === "local" && !(err instanceof LocalDeleteError)) {
-        throw new LocalDeleteError(
-          `the remote has the batch, but the local delete failed: ${describeError(err)}`,
-          { cause: err },
-        );
-      }
+      prefetched = undefined;
+      await settlePrevious(); // a failed local commit outranks the claim's error
       throw err;
     }
+    prefetched = undefined;
+    if (!current) return undefined;
+    const committed = current.done;
+    const out: Delivery = {
+      bytes: current.bytes,
+      onRemote: [],
+      inserted: 0,
+      skipped: 0,
+      rejected: [],
+    };
+    try {
+      // Claim the following batch on the second connection while this one travels.
+      const more = options.maxBatches === undefined || result.batches + 1 < options.maxBatches;
+      if (more && !deps.signal?.aborted) {
+        prefetched = claim();
+        prefetched.catch(() => {});
+      }
+      await deliver(current.batch, 0, current.batch.keys.length, false, out);
+      current.finish(out);
+    } catch (err) {
+      current.finish(err instanceof Error ? err : new Error(String(err)));
+      await committed.catch(() => {});
+      await dropPrefetched();
+      await settlePrevious().catch(() => {});
+      throw err;
+    }
+    // This batch's local delete commits while the next batch travels; the previous
+    // batch's commit must have succeeded before we go on.
+    const previous = pendingCommit;
+    pendingCommit = committed;
+    try {
+      await previous;
+    } catch (err) {
+      await dropPrefetched();
+      await settlePrevious().catch(() => {});
+      throw err;
+    }
+    return out;
+  };
+
+  /** The local commit of the last delivered batch, not awaited yet. */
+  let pendingCommit: Promise<void> | undefined;
+  const settlePrevious = async () => {
+    const p = pendingCommit;
+    pendingCommit = undefined;
+    await p;
   };
 
   while (!deps.signal?.aborted) {
@@ -410,6 +497,17 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     );
     result.seconds = (deps.clock.now() - started) / 1000;
     options.onBatch?.({ ...result });
+  }
+  await dropPrefetched();
+  try {
+    await settlePrevious();
+  } catch (err) {
+    throw new CycleError(
+      `${
+        describeError(err)
+      }; the readings stay in the local queue and the next cycle delivers them without duplicates`,
+      { cause: err },
+    );
   }
   if (deps.signal?.aborted) result.stopped = true;
   result.seconds = (deps.clock.now() - started) / 1000;

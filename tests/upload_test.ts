@@ -230,7 +230,7 @@ Deno.test("two agents at once never upload the same reading and neither fails (G
   // A second agent with its own connections to the same two databases.
   const { openPool } = await import("../lib/db.ts");
   const { parseDatabaseUrl } = await import("../lib/db_url.ts");
-  const otherLocal = await openPool(parseDatabaseUrl(p.local.url, "l"));
+  const otherLocal = await openPool(parseDatabaseUrl(p.local.url, "l"), { max: 2 });
   const otherRemote = await openPool(parseDatabaseUrl(p.remote.url, "r"));
   try {
     const [a, b] = await Promise.all([
