@@ -182,3 +182,37 @@ Deno.test("a stopped server can be started again with its data intact", async ()
     await after.end({ timeout: 1 });
   }
 });
+
+Deno.test("the harness runs PostgreSQL as an ordinary user too (not only as root)", async () => {
+  // As root, run the fixture as `nobody` with a copy of this deno; as an ordinary user,
+  // run it directly: either way no root is involved in starting the server.
+  const fixture = new URL("./fixtures/ordinary_user.ts", import.meta.url).pathname;
+  const root = Deno.uid() === 0;
+  const temp = await Deno.makeTempDir({ prefix: "meter-sync-user-" });
+  try {
+    await Deno.chmod(temp, 0o755);
+    const home = `${temp}/home`;
+    await Deno.mkdir(home);
+    let deno = Deno.execPath();
+    if (root) {
+      deno = `${temp}/deno`;
+      await Deno.copyFile(Deno.execPath(), deno);
+      await Deno.chmod(deno, 0o755);
+      await Deno.chown(home, 65534, 65534);
+    }
+    const env = [`HOME=${home}`, `DENO_DIR=${home}/deno`, `TMPDIR=${home}`];
+    const args = ["run", "-A", "--cached-only", fixture];
+    const cmd = root
+      ? new Deno.Command("runuser", { args: ["-u", "nobody", "--", "env", ...env, deno, ...args] })
+      : new Deno.Command(deno, { args, env: Object.fromEntries(env.map((e) => e.split("="))) });
+    const out = await cmd.output();
+    const text = new TextDecoder().decode(out.stdout);
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    const result = JSON.parse(text.trim().split("\n").pop()!);
+    assert.notEqual(result.uid, 0);
+    assert.equal(result.dataOwner, result.uid, "the server's files belong to that user");
+    assert.match(result.version, /^PostgreSQL 18/);
+  } finally {
+    await Deno.remove(temp, { recursive: true }).catch(() => {});
+  }
+});

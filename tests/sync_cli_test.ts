@@ -267,3 +267,36 @@ Deno.test("soak: thousands of batches through the COPY path, with a watchdog aga
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 3000, ids: 3000 });
   assert.equal(await count(p.local.sql), 0);
 });
+
+Deno.test("the quarantine workflow from the command line: status shows it, requeue puts it back", async () => {
+  await using p = await pair(200);
+  const [bad] = await p.local.sql<{ id: string }[]>`
+    SELECT id::text FROM meter_readings ORDER BY createdat, id OFFSET 50 LIMIT 1`;
+  await p.local.sql`UPDATE meter_readings SET frequency_hz = 99.5 WHERE id = ${bad.id}`;
+  await p.remote.sql`
+    ALTER TABLE meter_readings ADD CONSTRAINT grid_frequency CHECK (frequency_hz < 60)`;
+  const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
+  const sync = await runCli(["sync"], { env });
+  assert.equal(sync.code, 0, sync.stderr);
+  assert.match(sync.stderr, /1 quarantined/);
+  const status = await runCli(["status"], { env });
+  assert.match(status.stdout, /quarantined\s+1/);
+  assert.match(status.stdout, /23514/);
+  const json = JSON.parse((await runCli(["status", "--json"], { env })).stdout);
+  assert.equal(json.quarantined, 1);
+  assert.equal(json.queue_size, 0);
+  const unknown = await runCli(["requeue", "--id", crypto.randomUUID()], { env });
+  assert.equal(unknown.code, 0);
+  assert.match(unknown.stdout, /nothing to requeue/);
+  await p.remote.sql`ALTER TABLE meter_readings DROP CONSTRAINT grid_frequency`;
+  const requeue = await runCli(["requeue", "--id", bad.id], { env });
+  assert.equal(requeue.code, 0, requeue.stderr);
+  assert.match(requeue.stdout, /requeued 1 reading/);
+  const again = await runCli(["sync"], { env });
+  assert.equal(again.code, 0, again.stderr);
+  assert.deepEqual(await countDistinct(p.remote.sql), { rows: 200, ids: 200 });
+  assert.equal(await count(p.local.sql), 0);
+  const none = await runCli(["requeue"], { env });
+  assert.equal(none.code, 2);
+  assert.match(none.stderr, /--all or at least one --id/);
+});
