@@ -1,11 +1,11 @@
 /** The upload engine: drains the local queue into the remote, each reading delivered once. */
 import { getLogger } from "@logtape/logtape";
-import type postgres from "postgres";
 import type { Column } from "./columns.ts";
 import { quoteIdent } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
 import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
+import { copyIn, copyOut } from "./copy_io.ts";
 import { type Pool, resumeSockets } from "./db.ts";
 import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
 import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
@@ -14,8 +14,6 @@ import { formatIssues } from "./schema.ts";
 import { queueCondition } from "./status.ts";
 
 const log = getLogger(["meter-sync", "upload"]);
-
-type Tx = postgres.TransactionSql;
 
 /** The two databases and the injected clock and randomness. */
 export interface UploadDeps {
@@ -104,70 +102,6 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
   };
 }
 
-/** Bytes per CopyData message. */
-const COPY_CHUNK = 64 * 1024;
-
-type CopyQuery = Promise<unknown> & {
-  reject: (err: unknown) => void;
-  readable(): Promise<NodeJS.ReadableStream>;
-  writable(): Promise<NodeJS.WritableStream>;
-};
-
-/** Reads a COPY ... TO STDOUT into one buffer (a batch is bounded by --batch-size). */
-async function copyOut(tx: Tx, statement: string): Promise<Uint8Array> {
-  const stream = await (tx.unsafe(statement) as unknown as CopyQuery).readable();
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  await new Promise<void>((resolve, reject) => {
-    // Flowing mode with a synchronous consumer: the buffer never fills, so postgres.js
-    // never pauses the socket (and resumeSockets() covers the case where it did).
-    stream.on("data", (chunk: Uint8Array) => {
-      chunks.push(chunk);
-      size += chunk.length;
-    });
-    stream.on("end", () => resolve());
-    stream.on("error", (err) => reject(err));
-  });
-  const data = new Uint8Array(size);
-  let at = 0;
-  for (const chunk of chunks) {
-    data.set(chunk, at);
-    at += chunk.length;
-  }
-  return data;
-}
-
-/**
- * Writes a payload into an open COPY ... FROM STDIN. postgres.js resolves the query
- * with the stream before the server answers, and an error that arrives after end()
- * neither fails the stream nor the (already resolved) query: it is only handed to
- * query.reject, which we wrap so that a rejected COPY fails here instead of hanging.
- */
-async function copyIn(tx: Tx, statement: string, payload: Uint8Array): Promise<void> {
-  const query = tx.unsafe(statement) as unknown as CopyQuery;
-  let fail: (err: unknown) => void = () => {};
-  let failure: unknown;
-  const reject = query.reject;
-  query.reject = (err: unknown) => {
-    failure ??= err;
-    fail(err);
-    reject(err);
-  };
-  const stream = await query.writable();
-  await new Promise<void>((resolve, rejectCopy) => {
-    if (failure) return rejectCopy(failure);
-    fail = rejectCopy;
-    stream.on("error", (err) => rejectCopy(failure ?? err));
-    stream.on("finish", () => resolve());
-    // Slices, not one giant CopyData message: the server parses rows as they arrive
-    // instead of waiting for the whole batch.
-    for (let at = 0; at < payload.length; at += COPY_CHUNK) {
-      stream.write(payload.subarray(at, at + COPY_CHUNK));
-    }
-    stream.end();
-  });
-}
-
 /** A duplicate key on the idempotency key: the batch (or part of it) is on the remote already. */
 function isReplay(err: unknown, key: string): boolean {
   if (sqlState(err) !== "23505") return false;
@@ -226,20 +160,30 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   };
 
   // G7: both catalogs, every cycle, with the same code as check-schema.
-  const plan = await retry(() => comparedSchemas(deps.local.sql, deps.remote.sql, table), {
-    maxRetries,
-    isRetriable: (e) => classifyError(e) === "transient",
-    clock: deps.clock,
-    random: deps.random,
-    baseMs: options.baseMs,
-    capMs: options.capMs,
-    signal: deps.signal,
-    onRetry: async (err, n, ms) => {
-      result.retries++;
-      warnRetry("reading the schemas", err, n, maxRetries, ms);
-      await Promise.all([deps.local.renew(), deps.remote.renew()]);
-    },
-  }).catch((err) => {
+  /** Retries transient faults with backoff, renewing both pools: a dead connection is not reusable (see Pool). */
+  const retrying = <T>(what: string, fn: () => Promise<T>, isRetriable: (e: unknown) => boolean) =>
+    retry(fn, {
+      maxRetries,
+      isRetriable,
+      clock: deps.clock,
+      random: deps.random,
+      baseMs: options.baseMs,
+      capMs: options.capMs,
+      signal: deps.signal,
+      onRetry: async (err, n, ms) => {
+        result.retries++;
+        warnRetry(what, err, n, maxRetries, ms);
+        await Promise.all([deps.local.renew(), deps.remote.renew()]);
+      },
+    });
+  const transient = (e: unknown) => classifyError(e) === "transient";
+
+  // G7: both catalogs, every cycle, with the same code as check-schema.
+  const plan = await retrying(
+    "reading the schemas",
+    () => comparedSchemas(deps.local.sql, deps.remote.sql, table),
+    transient,
+  ).catch((err) => {
     throw err instanceof RetryError ? giveUp("reading the schemas", err) : err;
   });
   if (!plan.ok) {
@@ -445,21 +389,11 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     const batchStart = deps.clock.now();
     let out: Delivery | undefined;
     try {
-      out = await retry(runBatch, {
-        maxRetries,
-        isRetriable: (e) => !(e instanceof LocalDeleteError) && classifyError(e) === "transient",
-        clock: deps.clock,
-        random: deps.random,
-        baseMs: options.baseMs,
-        capMs: options.capMs,
-        signal: deps.signal,
-        onRetry: async (err, n, ms) => {
-          result.retries++;
-          warnRetry("batch", err, n, maxRetries, ms);
-          // A dead connection is not reusable (see Pool); fresh ones for the retry.
-          await Promise.all([deps.local.renew(), deps.remote.renew()]);
-        },
-      });
+      out = await retrying(
+        "batch",
+        runBatch,
+        (e) => !(e instanceof LocalDeleteError) && transient(e),
+      );
     } catch (err) {
       result.seconds = (deps.clock.now() - started) / 1000;
       if (err instanceof RetryError) throw giveUp("upload", err);

@@ -9,79 +9,32 @@ import {
   rowPayload,
   splitRows,
 } from "../lib/copy_format.ts";
+import { copyIn as writeCopy, copyOut as readCopy } from "../lib/copy_io.ts";
 import { connect, resumeSockets } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 
 const FORMATS: CopyFormat[] = ["binary", "text"];
 
-type CopyQuery = Promise<unknown> & {
-  reject: (err: unknown) => void;
-  readable(): Promise<NodeJS.ReadableStream>;
-  writable(): Promise<NodeJS.WritableStream>;
-};
-
 const formatOption = (format: CopyFormat) => (format === "binary" ? " (FORMAT binary)" : "");
 
-/**
- * Runs COPY ... TO STDOUT and returns the bytes, read the way lib/upload.ts reads them
- * (flowing mode, then resumeSockets() for porsager/postgres#499).
- */
+/** COPY (query) TO STDOUT through the engine's own reader, then resumeSockets() as it does. */
 async function copyOut(sql: Sql, query: string, format: CopyFormat): Promise<Uint8Array> {
-  const stream =
-    await (sql.unsafe(`COPY (${query}) TO STDOUT${formatOption(format)}`) as unknown as CopyQuery)
-      .readable();
-  const chunks: Uint8Array[] = [];
-  await new Promise<void>((resolve, reject) => {
-    stream.on("data", (chunk: Uint8Array) => chunks.push(new Uint8Array(chunk)));
-    stream.on("end", () => resolve());
-    stream.on("error", reject);
-  });
+  const data = await readCopy(sql, `COPY (${query}) TO STDOUT${formatOption(format)}`);
   resumeSockets(sql);
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
+  return data;
 }
 
-/**
- * Writes a payload with COPY ... FROM STDIN. An error the server sends after the data
- * reaches only query.reject (see copyIn in lib/upload.ts), so that is hooked too.
- */
+/** COPY table FROM STDIN through the engine's own writer, then a round trip. */
 async function copyIn(
   sql: Sql,
   table: string,
   payload: Uint8Array,
   format: CopyFormat,
 ): Promise<void> {
-  const query = sql.unsafe(
-    `COPY ${table} FROM STDIN${formatOption(format)}`,
-  ) as unknown as CopyQuery;
-  let fail: (err: unknown) => void = () => {};
-  let failure: unknown;
-  const reject = query.reject;
-  query.reject = (err: unknown) => {
-    failure ??= err;
-    fail(err);
-    reject(err);
-  };
-  const stream = await query.writable();
-  await new Promise<void>((resolve, rejectCopy) => {
-    if (failure) return rejectCopy(failure);
-    fail = rejectCopy;
-    stream.on("error", (err) => rejectCopy(failure ?? err));
-    stream.on("finish", () => resolve());
-    if (payload.length) stream.write(payload);
-    stream.end();
-  });
-  // A round trip after the COPY: a server-side failure has surely arrived by then.
+  await writeCopy(sql, `COPY ${table} FROM STDIN${formatOption(format)}`, payload);
   await sql`SELECT 1`;
-  if (failure) throw failure;
 }
 
-/** A database with table `src` of awkward values (uuid first) and an empty twin `dst`. */
 async function fixture() {
   const db = await freshDb();
   // lib/db.ts: the engine's own connection (no Nagle, socket resumed after COPY TO).

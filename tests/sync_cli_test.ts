@@ -1,7 +1,7 @@
 /** sync/upload as a user runs them (main.ts with the compile task's flags): G2 on a kill, G8, G9, logs, exit codes. */
 import assert from "node:assert/strict";
 import { upload } from "../lib/upload.ts";
-import { compileFlags, runCli } from "./_harness.ts";
+import { compileFlags, runCli, type Sql } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
@@ -31,6 +31,23 @@ async function finish(child: Deno.ChildProcess, ms = 30_000) {
   clearTimeout(timer);
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+/** Makes every remote COPY take `seconds` longer, so that a signal lands inside a batch. */
+async function slowRemoteCopies(sql: Sql, seconds: number): Promise<void> {
+  await sql.unsafe(`
+    CREATE FUNCTION slow_copy() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$;
+    CREATE TRIGGER slow_copy AFTER INSERT ON meter_readings
+      FOR EACH STATEMENT EXECUTE FUNCTION slow_copy();`);
+}
+
+/** Waits until the agent's remote backend is running a COPY. */
+async function agentCopying(sql: Sql): Promise<boolean> {
+  const [row] = await sql`
+    SELECT count(*)::int AS n FROM pg_stat_activity
+     WHERE application_name = 'meter-sync' AND state = 'active' AND query ILIKE 'copy%'`;
+  return row.n > 0;
 }
 
 /** Peak resident memory (VmHWM, kB) of a running process, polled until it exits. */
@@ -148,20 +165,13 @@ Deno.test("killed between the remote commit and the local delete: the next run a
 
 Deno.test("SIGTERM during a batch ends it whole, closes both connections and exits 0 (G9)", async () => {
   await using p = await pair(3000);
-  // Each remote COPY takes a while, so the signal lands inside a batch.
-  await p.remote.sql.unsafe(`
-    CREATE FUNCTION slow_copy() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$;
-    CREATE TRIGGER slow_copy AFTER INSERT ON meter_readings
-      FOR EACH STATEMENT EXECUTE FUNCTION slow_copy();`);
+  await slowRemoteCopies(p.remote.sql, 0.4);
   const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
   const agent = await spawnCli(["upload", "--batch-size", "250"], env);
-  await waitFor("the agent inside its second batch", async () => {
-    const [row] = await p.remote.sql`
-      SELECT count(*)::int AS n FROM pg_stat_activity
-       WHERE application_name = 'meter-sync' AND state = 'active' AND query ILIKE 'copy%'`;
-    return (await count(p.remote.sql)) >= 250 && row.n > 0;
-  });
+  await waitFor(
+    "the agent inside its second batch",
+    async () => (await count(p.remote.sql)) >= 250 && (await agentCopying(p.remote.sql)),
+  );
   agent.kill("SIGTERM");
   const r = await finish(agent);
   assert.equal(r.code, 0, r.stderr);
@@ -182,19 +192,10 @@ Deno.test("SIGTERM during a batch ends it whole, closes both connections and exi
 
 Deno.test("a second signal stops at once, and still nothing is lost or doubled", async () => {
   await using p = await pair(2000);
-  await p.remote.sql.unsafe(`
-    CREATE FUNCTION slow_copy() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
-    CREATE TRIGGER slow_copy AFTER INSERT ON meter_readings
-      FOR EACH STATEMENT EXECUTE FUNCTION slow_copy();`);
+  await slowRemoteCopies(p.remote.sql, 2);
   const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
   const agent = await spawnCli(["upload", "--batch-size", "500"], env);
-  await waitFor("the agent inside a batch", async () => {
-    const [row] = await p.remote.sql`
-      SELECT count(*)::int AS n FROM pg_stat_activity
-       WHERE application_name = 'meter-sync' AND state = 'active' AND query ILIKE 'copy%'`;
-    return row.n > 0;
-  });
+  await waitFor("the agent inside a batch", () => agentCopying(p.remote.sql));
   const started = Date.now();
   agent.kill("SIGTERM");
   await new Promise((r) => setTimeout(r, 100));
