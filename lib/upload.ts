@@ -326,7 +326,15 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     }
   };
 
-  /** One batch: claim (or take the prefetched claim), write remotely, delete locally. */
+  /**
+   * One batch: claim (or take the prefetched claim), write remotely, delete locally.
+   * Overlaps, and the one rule that keeps them safe: a claim's scan never runs while an
+   * earlier batch commits. Otherwise the claim's snapshot would miss the quarantine rows
+   * that commit brings, and claim a rejected reading again once its lock is released.
+   * - the previous batch's local commit runs while this batch is written remotely;
+   * - the next batch is claimed once that commit is in, still during the remote write;
+   * - this batch commits only after that claim's scan has finished.
+   */
   const runBatch = async (): Promise<Delivery | undefined> => {
     let current: Claim | undefined;
     try {
@@ -346,33 +354,26 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       skipped: 0,
       rejected: [],
     };
+    const delivering = deliver(current.batch, 0, current.batch.keys.length, false, out);
+    delivering.catch(() => {}); // awaited below
     try {
-      // Claim the following batch on the second connection while this one travels.
+      await settlePrevious();
       const more = options.maxBatches === undefined || result.batches + 1 < options.maxBatches;
       if (more && !deps.signal?.aborted) {
         prefetched = claim();
-        prefetched.catch(() => {});
+        prefetched.catch(() => {}); // awaited by the next batch, or dropped
       }
-      await deliver(current.batch, 0, current.batch.keys.length, false, out);
+      await delivering;
+      await prefetched?.catch(() => {}); // its scan is over: now this batch may commit
       current.finish(out);
     } catch (err) {
+      await delivering.catch(() => {});
       current.finish(err instanceof Error ? err : new Error(String(err)));
       await committed.catch(() => {});
       await dropPrefetched();
-      await settlePrevious().catch(() => {});
       throw err;
     }
-    // This batch's local delete commits while the next batch travels; the previous
-    // batch's commit must have succeeded before we go on.
-    const previous = pendingCommit;
     pendingCommit = committed;
-    try {
-      await previous;
-    } catch (err) {
-      await dropPrefetched();
-      await settlePrevious().catch(() => {});
-      throw err;
-    }
     return out;
   };
 

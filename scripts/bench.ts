@@ -455,12 +455,18 @@ function cycleSeconds(stderr: string): number | undefined {
   return undefined;
 }
 
-function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {
-  return runProcess(Deno.execPath(), [
+/** The flags of the compile task (permissions and V8 flags): the agent runs as shipped. */
+async function shippedFlags(): Promise<string[]> {
+  const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
+  return (config.tasks.compile as string).split(/\s+/).filter((w) =>
+    w.startsWith("--allow-") || w.startsWith("--unstable") || w.startsWith("--v8-flags")
+  );
+}
+
+async function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {
+  return await runProcess(Deno.execPath(), [
     "run",
-    "--allow-net",
-    "--allow-env",
-    "--allow-read",
+    ...(await shippedFlags()),
     new URL("../main.ts", import.meta.url).pathname,
     "upload",
     "--batch-size",

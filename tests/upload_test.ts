@@ -427,3 +427,21 @@ Deno.test("a table named with capitals and a space works end to end (--table)", 
   assert.equal(await count(p.remote.sql, "Meter Readings"), 25);
   assert.equal(await count(p.local.sql, "Meter Readings"), 0);
 });
+
+Deno.test("poison rows spread over many pipelined batches are each quarantined once", async () => {
+  await using p = await pair(2000);
+  await p.local.sql`
+    UPDATE meter_readings SET voltage_l1_v = 9999
+     WHERE id IN (SELECT id FROM meter_readings ORDER BY createdat, id OFFSET 25 LIMIT 40)
+        OR id IN (SELECT id FROM meter_readings ORDER BY createdat, id OFFSET 900 LIMIT 3)`;
+  await p.remote.sql`
+    ALTER TABLE meter_readings ADD CONSTRAINT plausible_voltage CHECK (voltage_l1_v < 1000)`;
+  // Small batches: many claims overlap commits that bring quarantine rows.
+  const result = await upload(p.deps(), { batchSize: 20 });
+  assert.equal(result.quarantined, 43);
+  assert.equal(result.uploaded, 1957);
+  const [q] = await p.local.sql`
+    SELECT count(*)::int AS n, max(attempts)::int AS attempts FROM meter_sync_quarantine`;
+  assert.deepEqual({ ...q }, { n: 43, attempts: 1 });
+  assert.equal(await count(p.remote.sql), 1957);
+});
