@@ -280,11 +280,14 @@ Deno.test("the local delete failing rolls back without retry, and the next cycle
   });
   assert.equal(deps.clock.sleeps.length, 0, "no retry of a failed local delete");
   assert.equal(await count(p.local.sql), 150, "every reading still queued locally");
-  assert.equal(await count(p.remote.sql), 100, "the remote committed the first batch");
+  // The first batch is on the remote; the second may be too, sent while the first
+  // batch's local commit was failing (batches overlap): either way it stays queued here.
+  const onRemote = await count(p.remote.sql);
+  assert.ok(onRemote === 100 || onRemote === 150, `${onRemote} on the remote`);
   await p.local.sql`DROP TRIGGER refuse_delete ON meter_readings`;
   const result = await upload(p.deps(), { batchSize: 100 });
-  assert.equal(result.skipped, 100);
-  assert.equal(result.uploaded, 50);
+  assert.equal(result.skipped, onRemote);
+  assert.equal(result.uploaded, 150 - onRemote);
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 150, ids: 150 });
   assert.equal(await count(p.local.sql), 0);
 });
