@@ -163,7 +163,7 @@ export async function startEmbeddedServer(options: EmbeddedOptions = {}): Promis
   // As root the server runs as the `postgres` user, which must be able to reach its folder.
   await Deno.chmod(dir, 0o755);
   const isRoot = Deno.uid() === 0;
-  const port = freePort();
+  let port = freePort();
   const settings: Record<string, string> = {
     listen_addresses: "127.0.0.1",
     unix_socket_directories: "",
@@ -173,6 +173,8 @@ export async function startEmbeddedServer(options: EmbeddedOptions = {}): Promis
   };
   const flags = Object.entries(settings).flatMap(([k, v]) => ["-c", `${k}=${v}`]);
   const onLog = options.onLog ?? (() => {});
+  /** The server's last lines, for the error when it does not start. */
+  const recent: string[] = [];
   const pg = new EmbeddedPostgres({
     databaseDir: `${dir}/data`,
     port,
@@ -183,11 +185,29 @@ export async function startEmbeddedServer(options: EmbeddedOptions = {}): Promis
     createPostgresUser: isRoot,
     initdbFlags: ["--encoding=UTF8", "--no-sync"],
     postgresFlags: flags,
-    onLog: (m: unknown) => onLog(String(m)),
+    onLog: (m: unknown) => {
+      const line = String(m);
+      recent.push(line);
+      if (recent.length > 20) recent.shift();
+      onLog(line);
+    },
     onError: (e: unknown) => onLog(String(e)),
   });
   await pg.initialise();
-  await pg.start();
+  // The port was free a moment ago; another process may take it before the server
+  // binds it. Then the server exits at once: try again on a new port.
+  for (let attempt = 1;; attempt++) {
+    try {
+      await pg.start();
+      break;
+    } catch (err) {
+      const why = recent.join("").trim().split("\n").slice(-3).join(" | ") ||
+        String(err ?? "the server exited");
+      if (attempt >= 3) throw new Error(`PostgreSQL did not start on port ${port}: ${why}`);
+      port = freePort();
+      (pg as unknown as { options: { port: number } }).options.port = port;
+    }
+  }
   let running = true;
   let disposed = false;
 
