@@ -279,7 +279,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       let finish!: (outcome: Delivery | Error) => void;
       const outcome = new Promise<Delivery | Error>((r) => (finish = r));
       let claimed = false;
-      let done!: Promise<void>;
+      // `done` is declared below; the callback runs only after BEGIN has come back.
       const tx = deps.local.sql.begin(async (tx) => {
         // The queue is read in index order; with stale statistics after a big drain the
         // planner would otherwise sort the whole table for every batch.
@@ -307,7 +307,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         }
       });
       // The commit can fail too, after the remote committed: also a local delete error.
-      done = tx.then(() => undefined, (err) => {
+      const done: Promise<void> = tx.then(() => undefined, (err) => {
         if (!claimed) return rejectClaim(err);
         throw err instanceof LocalDeleteError ? err : localDeleteError(err);
       });
