@@ -279,6 +279,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       let finish!: (outcome: Delivery | Error) => void;
       const outcome = new Promise<Delivery | Error>((r) => (finish = r));
       let claimed = false;
+      let abandoned: Error | undefined;
       // `done` is declared below; the callback runs only after BEGIN has come back.
       const tx = deps.local.sql.begin(async (tx) => {
         // The queue is read in index order; with stale statistics after a big drain the
@@ -291,7 +292,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         claimed = true;
         resolveClaim({ batch, bytes: data.length, finish, done });
         const out = await outcome;
-        if (out instanceof Error) throw out; // roll back: the rows stay queued
+        if (out instanceof Error) throw (abandoned = out); // roll back: the rows stay queued
         try {
           if (out.onRemote.length) {
             const removed = await tx.unsafe(sql.remove, [pgArray(out.onRemote)]);
@@ -309,6 +310,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       // The commit can fail too, after the remote committed: also a local delete error.
       const done: Promise<void> = tx.then(() => undefined, (err) => {
         if (!claimed) return rejectClaim(err);
+        if (err === abandoned) return; // rolled back on purpose
         throw err instanceof LocalDeleteError ? err : localDeleteError(err);
       });
       done.catch(() => {}); // awaited by whoever holds the claim
