@@ -6,7 +6,7 @@ import { type CommandContext, systemClock } from "./lib/commands/context.ts";
 import { migrateCommand } from "./lib/commands/migrate.ts";
 import { seedCommand } from "./lib/commands/seed.ts";
 import { statusCommand } from "./lib/commands/status.ts";
-import { syncCommand } from "./lib/commands/sync.ts";
+import { downloadCommand, syncCommand } from "./lib/commands/sync.ts";
 import { requeueCommand } from "./lib/commands/requeue.ts";
 import {
   COMMAND_SPECS,
@@ -39,6 +39,7 @@ async function demoCommand(config: Config, ctx: CommandContext): Promise<number>
 const COMMAND_TABLE: Partial<Record<CommandName, Command>> = {
   sync: syncCommand,
   upload: syncCommand,
+  download: downloadCommand,
   requeue: requeueCommand,
   status: statusCommand,
   migrate: migrateCommand,

@@ -139,7 +139,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
     usage: "meter-sync download [--download-tables meters]",
     flags: { "download-tables": DOWNLOAD_TABLES },
     needs: "both",
-    available: false,
+    available: true,
   },
   run: {
     summary: 'scheduled mode: --every 30s | --cron "*/5 * * * *"',

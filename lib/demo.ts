@@ -142,6 +142,12 @@ export async function demo(
       "What the meter poller would have written: 100+ typed columns, some NULLs, over 7 days.",
       async () => {
         const started = performance.now();
+        // The meters list lives centrally (sync mirrors it down); the gateway has a copy.
+        await remote`
+          INSERT INTO meters (id, serial_number, name, location, model, installed_at)
+          SELECT m, 'SN-' || lpad(m::text, 8, '0'), 'Meter ' || m, 'Feeder ' || (1 + m % 12),
+                 (ARRAY['EM340', 'PRO380', 'SDM630'])[1 + m % 3], now() - interval '400 days'
+            FROM generate_series(1, ${config.meters}::bigint) AS m`;
         const chunk = Math.min(50_000, Math.max(5_000, Math.ceil(count / 10_000) * 1_000));
         let shown = 0;
         const rows = await seedReadings(local, {

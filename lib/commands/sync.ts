@@ -2,7 +2,9 @@
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "../config.ts";
 import { openPools } from "../connections.ts";
-import { describeError } from "../errors.ts";
+import { CycleError, describeError, SchemaError } from "../errors.ts";
+import { download } from "../download.ts";
+import type { Sql } from "../db.ts";
 import { recordRun } from "../runs.ts";
 import { upload, type UploadDeps, type UploadResult } from "../upload.ts";
 import type { CommandContext } from "./context.ts";
@@ -73,12 +75,38 @@ export async function syncCommand(config: Config, ctx: CommandContext): Promise<
   // No ping first: a database that does not answer yet is a transient fault, retried.
   const pools = await openPools(config);
   try {
-    await uploadCycle(config, ctx, {
+    const result = await uploadCycle(config, ctx, {
       ...pools,
       clock: ctx.clock,
       random: ctx.random,
       signal: ctx.signal,
     });
+    // sync = upload, then the reference data down; not after a stop signal.
+    if (config.command === "sync" && !result.stopped && !ctx.signal.aborted) {
+      await downloadTables(config, pools.local.sql, pools.remote.sql);
+    }
+    return 0;
+  } finally {
+    await Promise.all([pools.local.end(), pools.remote.end()]);
+  }
+}
+
+/** The download half: every --download-tables table; a failure fails the cycle (exit 1 or 3). */
+export async function downloadTables(config: Config, local: Sql, remote: Sql): Promise<void> {
+  try {
+    await download({ local, remote }, config.downloadTables);
+  } catch (err) {
+    if (err instanceof SchemaError) throw err;
+    throw new CycleError(`download failed: ${describeError(err)}; nothing was changed locally`, {
+      cause: err,
+    });
+  }
+}
+
+export async function downloadCommand(config: Config, _ctx: CommandContext): Promise<number> {
+  const pools = await openPools(config);
+  try {
+    await downloadTables(config, pools.local.sql, pools.remote.sql);
     return 0;
   } finally {
     await Promise.all([pools.local.end(), pools.remote.end()]);

@@ -1,0 +1,95 @@
+/** Reference data down (SPEC §4) against real PostgreSQL: inserts, updates, deletes, kept references. */
+import assert from "node:assert/strict";
+import { SchemaError } from "../lib/errors.ts";
+import { download, mirrorTable } from "../lib/download.ts";
+import { runCli } from "./_harness.ts";
+import { count, pair } from "./_sync_fixture.ts";
+
+async function meters(sql: import("./_harness.ts").Sql) {
+  const rows = await sql<{ id: string; name: string; location: string | null }[]>`
+    SELECT id::text, name, location FROM meters ORDER BY id`;
+  return rows.map((r) => ({ ...r }));
+}
+
+Deno.test("download mirrors inserted, updated and deleted meters from the remote, remote wins", async () => {
+  await using p = await pair(0);
+  const at = "2026-01-01 00:00:00+00";
+  await p.remote.sql`
+    INSERT INTO meters (id, serial_number, name, location, updated_at) VALUES
+      (1, 'SN-1', 'one', 'north', ${at}), (2, 'SN-2', 'two', 'south', ${at}),
+      (3, 'SN-3', 'three', NULL, ${at})`;
+  // The gateway has a stale copy: one changed, one gone centrally, one missing.
+  await p.local.sql`
+    INSERT INTO meters (id, serial_number, name, location, updated_at) VALUES
+      (1, 'SN-1', 'one', 'north', ${at}), (2, 'SN-2', 'old name', 'south', ${at}),
+      (9, 'SN-9', 'retired', NULL, ${at})`;
+  const [r] = await download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]);
+  assert.deepEqual(
+    { ...r },
+    { table: "meters", inserted: 1, updated: 1, deleted: 1, kept: 0, unchanged: 1 },
+  );
+  assert.deepEqual(await meters(p.local.sql), await meters(p.remote.sql));
+});
+
+Deno.test("download leaves unchanged rows unwritten (compared by key and content)", async () => {
+  await using p = await pair(0);
+  for (const db of [p.local.sql, p.remote.sql]) {
+    await db`INSERT INTO meters (id, serial_number, name, updated_at)
+             VALUES (1, 'SN-1', 'one', '2026-01-01 00:00:00+00')`;
+  }
+  const [before] = await p.local.sql`SELECT xmin::text AS v FROM meters WHERE id = 1`;
+  const [r] = await download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]);
+  assert.equal(r.unchanged, 1);
+  assert.equal(r.updated, 0);
+  const [after] = await p.local.sql`SELECT xmin::text AS v FROM meters WHERE id = 1`;
+  assert.equal(after.v, before.v, "the row was not rewritten");
+});
+
+Deno.test("a meter that local readings still reference is kept and reported, not deleted", async () => {
+  await using p = await pair(0);
+  await p.local
+    .sql`INSERT INTO meters (id, serial_number, name) VALUES (7, 'SN-7', 'seven'), (8, 'SN-8', 'eight')`;
+  await p.local.sql`INSERT INTO meter_readings (meter_id, status) VALUES (7, 'ok')`;
+  // Centrally, both meters are gone.
+  const [r] = await download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]);
+  assert.equal(r.deleted, 1);
+  assert.equal(r.kept, 1);
+  assert.deepEqual((await meters(p.local.sql)).map((m) => m.id), ["7"]);
+  assert.equal(await count(p.local.sql), 1, "the reading is still there");
+});
+
+Deno.test("a table without a primary key is refused with a clear message", async () => {
+  await using p = await pair(0);
+  for (const db of [p.local.sql, p.remote.sql]) {
+    await db`CREATE TABLE tariffs (code text, price numeric)`;
+  }
+  await assert.rejects(
+    mirrorTable(p.agentLocal.sql, p.agentRemote.sql, "tariffs"),
+    (err: unknown) => {
+      assert.ok(err instanceof SchemaError);
+      assert.match((err as Error).message, /"tariffs" has no primary key/);
+      return true;
+    },
+  );
+});
+
+Deno.test("sync uploads the readings, then brings the meters down; download runs alone too", async () => {
+  await using p = await pair(120);
+  await p.remote.sql`
+    INSERT INTO meters (id, serial_number, name) VALUES (1000, 'SN-1000', 'new centrally')`;
+  const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
+  const sync = await runCli(["sync"], { env });
+  assert.equal(sync.code, 0, sync.stderr);
+  assert.equal(await count(p.remote.sql), 120);
+  assert.match(sync.stderr, /meters: 1 inserted/);
+  // The seeded meters are referenced by no reading any more (all uploaded): the remote
+  // does not have them, so they go; the new one stays.
+  assert.deepEqual((await meters(p.local.sql)).map((m) => m.id), ["1000"]);
+  await p.remote.sql`UPDATE meters SET name = 'renamed' WHERE id = 1000`;
+  const down = await runCli(["download"], { env });
+  assert.equal(down.code, 0, down.stderr);
+  assert.equal((await meters(p.local.sql))[0].name, "renamed");
+  const missing = await runCli(["download", "--download-tables", "no_such_table"], { env });
+  assert.equal(missing.code, 3);
+  assert.match(missing.stderr, /"no_such_table" does not exist/);
+});
