@@ -1,7 +1,7 @@
 /** Opens the databases a command needs, says clearly when one cannot be reached, and closes them. */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "./config.ts";
-import { connect, openPool, type Pool, type Sql } from "./db.ts";
+import { connect, type ConnectOptions, openPool, type Pool, type Sql } from "./db.ts";
 import type { DbTarget } from "./db_url.ts";
 import { classifyError, CycleError, describeError } from "./errors.ts";
 
@@ -33,6 +33,11 @@ export async function ping(sql: Sql, target: DbTarget, side: string): Promise<vo
   }
 }
 
+/** How every command connects: the pgpass file of the config, warnings to the log. */
+function connectOptions(config: Config): ConnectOptions {
+  return { pgpassFile: config.pgpassFile, warn: (message) => log.warn(message) };
+}
+
 /** Runs fn with connections to the databases the config names, closing them afterwards. */
 export async function withDatabases<T>(
   config: Config,
@@ -40,34 +45,28 @@ export async function withDatabases<T>(
   options: WithDatabasesOptions = {},
 ): Promise<T> {
   const dbs: Databases = {};
-  const warn = (message: string) => log.warn(message);
+  const connectWith = { ...connectOptions(config), max: options.max };
   try {
-    if (config.local) {
-      dbs.local = await connect(config.local, {
-        max: options.max,
-        pgpassFile: config.pgpassFile,
-        warn,
-      });
-    }
-    if (config.remote) {
-      dbs.remote = await connect(config.remote, {
-        max: options.max,
-        pgpassFile: config.pgpassFile,
-        warn,
-      });
-    }
+    if (config.local) dbs.local = await connect(config.local, connectWith);
+    if (config.remote) dbs.remote = await connect(config.remote, connectWith);
     return await fn(dbs);
   } finally {
     await Promise.all([dbs.local?.end({ timeout: 5 }), dbs.remote?.end({ timeout: 5 })]);
   }
 }
 
-/** Renewable pools to both databases, for the upload engine. */
-export async function openPools(config: Config): Promise<{ local: Pool; remote: Pool }> {
-  const warn = (message: string) => log.warn(message);
-  const options = { pgpassFile: config.pgpassFile, warn };
+/** Runs fn with renewable pools to both databases (the upload engine's), closing them afterwards. */
+export async function withPools<T>(
+  config: Config,
+  fn: (pools: { local: Pool; remote: Pool }) => Promise<T>,
+): Promise<T> {
+  const options = connectOptions(config);
   // Two local connections: the next batch is claimed while the current one travels.
   const local = await openPool(config.local!, { ...options, max: 2 });
   const remote = await openPool(config.remote!, options);
-  return { local, remote };
+  try {
+    return await fn({ local, remote });
+  } finally {
+    await Promise.all([local.end(), remote.end()]);
+  }
 }

@@ -5,6 +5,7 @@ import { copyIn, copyOut } from "./copy_io.ts";
 import type { Sql } from "./db.ts";
 import { resumeSockets } from "./db.ts";
 import { SchemaError } from "./errors.ts";
+import { travelsInBinary } from "./schema.ts";
 
 const log = getLogger(["meter-sync", "download"]);
 
@@ -66,7 +67,7 @@ export async function mirrorTable(local: Sql, remote: Sql, table: string): Promi
   const cols = r.columns.filter((c) =>
     !c.generated && localCols.has(c.name) && !localCols.get(c.name)!.generated
   );
-  const binary = cols.every((c) => c.builtin && localCols.get(c.name)!.type === c.type);
+  const binary = travelsInBinary(cols, localCols);
   const opts = binary ? " (FORMAT binary)" : "";
   const t = quoteIdent(table);
   const list = cols.map((c) => quoteIdent(c.name)).join(", ");

@@ -109,18 +109,22 @@ export function reapOrphans(): void {
       continue; // being created right now, or not ours
     }
     const alive = ownerAlive(dir) ?? (!owner || processAlive(owner));
-    if (alive) continue;
-    try {
-      const postmaster = Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]);
-      if (postmaster && processAlive(postmaster)) Deno.kill(postmaster, "SIGQUIT");
-    } catch {
-      // no server running there
-    }
-    try {
-      Deno.removeSync(dir, { recursive: true });
-    } catch {
-      // another reaper got there first
-    }
+    if (!alive) destroySync(dir);
+  }
+}
+
+/** Immediate shutdown (SIGQUIT) of the folder's server, if one runs, then the folder goes. */
+function destroySync(dir: string): void {
+  try {
+    const postmaster = Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]);
+    if (postmaster && processAlive(postmaster)) Deno.kill(postmaster, "SIGQUIT");
+  } catch {
+    // no server running there
+  }
+  try {
+    Deno.removeSync(dir, { recursive: true });
+  } catch {
+    // already removed (another reaper got there first)
   }
 }
 
@@ -132,21 +136,7 @@ function hookExit(): void {
   exitHooked = true;
   // Synchronous last resort: the server gets SIGQUIT and its folder goes.
   globalThis.addEventListener("unload", () => {
-    for (const server of live) {
-      try {
-        const pid = Number(
-          Deno.readTextFileSync(`${server.dir}/data/postmaster.pid`).split("\n")[0],
-        );
-        if (pid) Deno.kill(pid, "SIGQUIT");
-      } catch {
-        // already stopped
-      }
-      try {
-        Deno.removeSync(server.dir, { recursive: true });
-      } catch {
-        // already removed
-      }
-    }
+    for (const server of live) destroySync(server.dir);
   });
 }
 

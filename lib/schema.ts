@@ -173,8 +173,16 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
   }
   // The key travels first, so that a batch's ids can be read off its COPY lines.
   columns.sort((a, b) => (a.name === key ? -1 : b.name === key ? 1 : 0));
-  const binary = columns.every((c) => c.builtin && remoteByName.get(c.name)?.type === c.type);
+  const binary = travelsInBinary(columns, remoteByName);
   return { columns, key, issues, ok: issues.every((i) => !i.blocking), binary };
+}
+
+/**
+ * Binary COPY carries a value only into the very same built-in type: true when every
+ * column has it on the other side too (by name); otherwise batches go in text COPY.
+ */
+export function travelsInBinary(columns: Column[], other: Map<string, Column>): boolean {
+  return columns.every((c) => c.builtin && other.get(c.name)?.type === c.type);
 }
 
 /** A readable table of the differences, for check-schema and the exit-3 message. */

@@ -398,14 +398,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         (e) => !(e instanceof LocalDeleteError) && transient(e),
       );
     } catch (err) {
-      result.seconds = (deps.clock.now() - started) / 1000;
       if (err instanceof RetryError) throw giveUp("upload", err);
-      if (err instanceof LocalDeleteError) {
-        throw new CycleError(
-          `${err.message}; the readings stay in the local queue and the next cycle delivers them without duplicates`,
-          { cause: err },
-        );
-      }
+      if (err instanceof LocalDeleteError) throw replayNextCycle(err);
       if (deps.signal?.aborted && (err as Error)?.name === "AbortError") {
         result.stopped = true;
         break;
@@ -436,16 +430,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     options.onBatch?.({ ...result });
   }
   await dropPrefetched();
-  try {
-    await settlePrevious();
-  } catch (err) {
-    throw new CycleError(
-      `${
-        describeError(err)
-      }; the readings stay in the local queue and the next cycle delivers them without duplicates`,
-      { cause: err },
-    );
-  }
+  // The last batch's local commit: it can only fail as a LocalDeleteError.
+  await settlePrevious().catch((err) => {
+    throw replayNextCycle(err);
+  });
   if (deps.signal?.aborted) result.stopped = true;
   result.seconds = (deps.clock.now() - started) / 1000;
   return result;
@@ -479,6 +467,16 @@ function warnRetry(what: string, err: unknown, n: number, max: number, ms: numbe
     max,
     ms,
   });
+}
+
+/** A local delete that failed after the remote commit: the cycle fails, nothing is lost. */
+function replayNextCycle(err: unknown): CycleError {
+  return new CycleError(
+    `${
+      describeError(err)
+    }; the readings stay in the local queue and the next cycle delivers them without duplicates`,
+    { cause: err },
+  );
 }
 
 function giveUp(what: string, err: RetryError): CycleError {

@@ -14,6 +14,7 @@ import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { type DelayProxy, parseDuration, startDelayProxy } from "./delay_proxy.ts";
+import { shippedFlags } from "./shipped_flags.ts";
 
 const TABLE = "meter_readings";
 /** The seeded backlog, kept aside so that every contender starts from the same rows. */
@@ -453,14 +454,6 @@ function cycleSeconds(stderr: string): number | undefined {
     }
   }
   return undefined;
-}
-
-/** The flags of the compile task (permissions and V8 flags): the agent runs as shipped. */
-async function shippedFlags(): Promise<string[]> {
-  const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
-  return (config.tasks.compile as string).split(/\s+/).filter((w) =>
-    w.startsWith("--allow-") || w.startsWith("--unstable") || w.startsWith("--v8-flags")
-  );
 }
 
 async function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {

@@ -1,6 +1,7 @@
 /** Test harness: one embedded PostgreSQL server per test file, a fresh database per test. */
 import postgres from "postgres";
 import { type EmbeddedServer, startEmbeddedServer } from "../lib/embedded.ts";
+import { shippedFlags } from "../scripts/shipped_flags.ts";
 
 export type Sql = postgres.Sql;
 
@@ -61,12 +62,8 @@ export async function freshDb(
 }
 
 /** Permission flags of the compile task: end-to-end tests run main.ts with exactly these. */
-export async function compileFlags(): Promise<string[]> {
-  const config = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
-  const task: string = config.tasks.compile;
-  return task.split(/\s+/).filter((w) =>
-    w.startsWith("--allow-") || w.startsWith("--unstable") || w.startsWith("--v8-flags")
-  );
+export function compileFlags(): Promise<string[]> {
+  return shippedFlags();
 }
 
 /** Result of running main.ts as a subprocess. */
@@ -117,3 +114,12 @@ export async function runCli(args: string[], options: RunCliOptions = {}): Promi
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
+
+/** The keys SPEC §3 promises in `status --json`. */
+export const SPEC_STATUS_KEYS = [
+  "queue_size",
+  "oldest_pending_age_s",
+  "quarantined",
+  "last_success_at",
+  "last_error",
+] as const;

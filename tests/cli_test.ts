@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import meta from "../deno.json" with { type: "json" };
 import { COMMAND_SPECS, COMMANDS } from "../lib/config.ts";
 import { freePort } from "../lib/embedded.ts";
-import { type CliResult, freshDb, runCli } from "./_harness.ts";
+import { type CliResult, freshDb, runCli, SPEC_STATUS_KEYS } from "./_harness.ts";
 
 /** The commands of SPEC §3, written out so that a command dropped from the code is noticed. */
 const SPEC_COMMANDS = [
@@ -232,15 +232,7 @@ Deno.test("meter-sync migrates, seeds, reports status and catches schema drift o
     assert.equal(r.code, 0, describe(["status", "--json"], r));
     assert.equal(r.stdout.trimEnd().split("\n").length, 1, r.stdout);
     const status = JSON.parse(r.stdout);
-    for (
-      const key of [
-        "queue_size",
-        "oldest_pending_age_s",
-        "quarantined",
-        "last_success_at",
-        "last_error",
-      ]
-    ) {
+    for (const key of SPEC_STATUS_KEYS) {
       assert.ok(key in status, `status --json lacks ${key}: ${r.stdout}`);
     }
     assert.equal(status.queue_size, 2000);

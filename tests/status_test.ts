@@ -1,6 +1,6 @@
 /** Tests of lib/status.ts readStatus/formatStatus against a real local database, and `status --json`. */
 import assert from "node:assert/strict";
-import { freshDb, runCli, type TestDb } from "./_harness.ts";
+import { freshDb, runCli, SPEC_STATUS_KEYS, type TestDb } from "./_harness.ts";
 import { SchemaError } from "../lib/errors.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { recordRun, type RunRecord } from "../lib/runs.ts";
@@ -190,15 +190,7 @@ Deno.test("`status --json` prints one JSON object with the keys of SPEC §3", as
   const lines = result.stdout.trim().split("\n");
   assert.equal(lines.length, 1, result.stdout);
   const report = JSON.parse(lines[0]);
-  for (
-    const key of [
-      "queue_size",
-      "oldest_pending_age_s",
-      "quarantined",
-      "last_success_at",
-      "last_error",
-    ]
-  ) {
+  for (const key of SPEC_STATUS_KEYS) {
     assert.ok(key in report, `${key} in ${lines[0]}`);
   }
   assert.equal(report.queue_size, 11);

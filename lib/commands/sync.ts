@@ -1,7 +1,7 @@
 /** `sync` and `upload`: one cycle that drains the queue, recorded in the local run history. */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "../config.ts";
-import { openPools } from "../connections.ts";
+import { withPools } from "../connections.ts";
 import { CycleError, describeError, SchemaError } from "../errors.ts";
 import { download } from "../download.ts";
 import type { Sql } from "../db.ts";
@@ -73,8 +73,7 @@ export async function uploadCycle(
 
 export async function syncCommand(config: Config, ctx: CommandContext): Promise<number> {
   // No ping first: a database that does not answer yet is a transient fault, retried.
-  const pools = await openPools(config);
-  try {
+  return await withPools(config, async (pools) => {
     const result = await uploadCycle(config, ctx, {
       ...pools,
       clock: ctx.clock,
@@ -86,9 +85,7 @@ export async function syncCommand(config: Config, ctx: CommandContext): Promise<
       await downloadTables(config, pools.local.sql, pools.remote.sql);
     }
     return 0;
-  } finally {
-    await Promise.all([pools.local.end(), pools.remote.end()]);
-  }
+  });
 }
 
 /** The download half: every --download-tables table; a failure fails the cycle (exit 1 or 3). */
@@ -104,11 +101,8 @@ export async function downloadTables(config: Config, local: Sql, remote: Sql): P
 }
 
 export async function downloadCommand(config: Config, _ctx: CommandContext): Promise<number> {
-  const pools = await openPools(config);
-  try {
-    await downloadTables(config, pools.local.sql, pools.remote.sql);
+  return await withPools(config, async ({ local, remote }) => {
+    await downloadTables(config, local.sql, remote.sql);
     return 0;
-  } finally {
-    await Promise.all([pools.local.end(), pools.remote.end()]);
-  }
+  });
 }
