@@ -1,6 +1,7 @@
 /** Flags over environment over defaults: every setting validated here, in one place. */
 import { parseArgs } from "node:util";
 import { type DbTarget, parseDatabaseUrl } from "./db_url.ts";
+import { parseDuration } from "./duration.ts";
 import { ConfigError } from "./errors.ts";
 import { secretsOf } from "./redact.ts";
 
@@ -49,6 +50,18 @@ const CONNECTION_FLAGS: Record<string, FlagSpec> = {
     arg: "URL",
     env: "REMOTE_DATABASE_URL",
     help: "the central database, postgres://user:pass@host:port/db?sslmode=...",
+  },
+  "password-file": {
+    type: "string",
+    arg: "FILE",
+    env: "METER_SYNC_PASSWORD_FILE",
+    help: "file holding the remote database password (recommended: keeps it out of URLs)",
+  },
+  "local-password-file": {
+    type: "string",
+    arg: "FILE",
+    env: "METER_SYNC_LOCAL_PASSWORD_FILE",
+    help: "file holding the local database password",
   },
 };
 
@@ -112,6 +125,19 @@ const DOWNLOAD_TABLES: FlagSpec = {
   env: "METER_SYNC_DOWNLOAD_TABLES",
   help: "comma-separated tables mirrored from the remote",
 };
+const AGENT_ID: FlagSpec = {
+  type: "string",
+  arg: "ID",
+  env: "METER_SYNC_AGENT_ID",
+  help: "this gateway's name in the remote sync_agents table (default: the host name)",
+};
+const STALE_AFTER: FlagSpec = {
+  type: "string",
+  arg: "DURATION",
+  default: "15m",
+  env: "METER_SYNC_STALE_AFTER",
+  help: "unhealthy when the last successful cycle is older than this",
+};
 const MAX_BATCHES: FlagSpec = {
   type: "string",
   arg: "N",
@@ -123,14 +149,18 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
   sync: {
     summary: "one cycle: upload until the queue is empty (or --max-batches), then download",
     usage: "meter-sync sync [--batch-size N] [--max-batches N]",
-    flags: { "max-batches": MAX_BATCHES, "download-tables": DOWNLOAD_TABLES },
+    flags: {
+      "max-batches": MAX_BATCHES,
+      "download-tables": DOWNLOAD_TABLES,
+      "agent-id": AGENT_ID,
+    },
     needs: "both",
     available: true,
   },
   upload: {
     summary: "the upload half only",
     usage: "meter-sync upload [--batch-size N] [--max-batches N]",
-    flags: { "max-batches": MAX_BATCHES },
+    flags: { "max-batches": MAX_BATCHES, "agent-id": AGENT_ID },
     needs: "both",
     available: true,
   },
@@ -143,22 +173,56 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
   },
   run: {
     summary: 'scheduled mode: --every 30s | --cron "*/5 * * * *"',
-    usage: 'meter-sync run --every 30s | --cron "*/5 * * * *"',
+    usage:
+      'meter-sync run --every 30s | --cron "*/5 * * * *" [--jitter 10s] [--http 127.0.0.1:9464]',
     flags: {
       every: {
         type: "string",
         arg: "DURATION",
-        help: "interval between cycles: 500ms, 30s, 5m, 1h",
+        env: "METER_SYNC_EVERY",
+        help: "interval between cycle starts: 500ms, 30s, 5m, 1h",
       },
-      cron: { type: "string", arg: "SPEC", help: "cron schedule, five fields" },
+      cron: {
+        type: "string",
+        arg: "SPEC",
+        env: "METER_SYNC_CRON",
+        help: "cron schedule, five fields, in UTC",
+      },
+      jitter: {
+        type: "string",
+        arg: "DURATION",
+        default: "0",
+        env: "METER_SYNC_JITTER",
+        help: "delay each cycle by a random amount up to this, to spread a fleet",
+      },
+      "max-backoff": {
+        type: "string",
+        arg: "DURATION",
+        default: "10m",
+        env: "METER_SYNC_MAX_BACKOFF",
+        help: "longest wait after failed cycles (the wait doubles per failure)",
+      },
+      http: {
+        type: "string",
+        arg: "[HOST:]PORT",
+        env: "METER_SYNC_HTTP",
+        help: "serve /metrics, /healthz and /status (host defaults to 127.0.0.1)",
+      },
+      "stale-after": STALE_AFTER,
+      "max-batches": MAX_BATCHES,
+      "download-tables": DOWNLOAD_TABLES,
+      "agent-id": AGENT_ID,
     },
     needs: "both",
-    available: false,
+    available: true,
   },
   status: {
     summary: "queue size, oldest pending age, quarantined rows, last run, last error",
-    usage: "meter-sync status [--json]",
-    flags: { json: { type: "boolean", help: "one JSON object, for machines" } },
+    usage: "meter-sync status [--json] [--stale-after 15m]",
+    flags: {
+      json: { type: "boolean", help: "one JSON object, for machines" },
+      "stale-after": STALE_AFTER,
+    },
     needs: "local",
     available: true,
   },
@@ -251,8 +315,24 @@ export interface Config {
   requeueAll: boolean;
   requeueIds: string[];
   downloadTables: string[];
-  every?: string;
+  /** run: milliseconds between cycle starts (--every). */
+  everyMs?: number;
+  /** run: five-field cron schedule (--cron), checked by Deno.cron when the agent starts. */
   cron?: string;
+  /** run: upper bound of the random delay before each cycle. */
+  jitterMs: number;
+  /** run: longest wait after failed cycles. */
+  maxBackoffMs: number;
+  /** run: where to serve /metrics, /healthz and /status. */
+  http?: { hostname: string; port: number };
+  /** The name in the remote sync_agents table; main.ts fills in the host name when unset. */
+  agentId?: string;
+  /** status and run: the last success older than this is stale (exit 1, /healthz 503). */
+  staleAfterMs: number;
+  /** File holding the remote database password. */
+  passwordFile?: string;
+  /** File holding the local database password. */
+  localPasswordFile?: string;
   /** The pgpass file to consult when a URL has no password. */
   pgpassFile?: string;
   /** Passwords to mask in anything printed. */
@@ -269,6 +349,15 @@ export const ENV_VARS = [
   "METER_SYNC_LOG_LEVEL",
   "METER_SYNC_LOG_FORMAT",
   "METER_SYNC_DOWNLOAD_TABLES",
+  "METER_SYNC_AGENT_ID",
+  "METER_SYNC_PASSWORD_FILE",
+  "METER_SYNC_LOCAL_PASSWORD_FILE",
+  "METER_SYNC_EVERY",
+  "METER_SYNC_CRON",
+  "METER_SYNC_JITTER",
+  "METER_SYNC_MAX_BACKOFF",
+  "METER_SYNC_HTTP",
+  "METER_SYNC_STALE_AFTER",
   "PGPASSFILE",
   "HOME",
 ] as const;
@@ -305,6 +394,39 @@ function oneOf<T extends string>(name: string, raw: string, allowed: readonly T[
   }
   return raw as T;
 }
+
+function durationSetting(
+  name: string,
+  raw: string | undefined,
+  fallback: number,
+  [min, max]: [number, number],
+): number {
+  if (raw === undefined) return fallback;
+  const ms = parseDuration(raw);
+  if (ms === undefined || ms < min || ms > max) {
+    throw new ConfigError(
+      `${name} must be a duration like 500ms, 30s, 5m or 1h, from ${min} ms to ${
+        max / 3_600_000
+      } h (got "${raw}")`,
+    );
+  }
+  return ms;
+}
+
+/** "9464", ":9464", "0.0.0.0:9464", "[::1]:9464"; the host defaults to loopback. */
+function httpSetting(name: string, raw: string | undefined): Config["http"] {
+  if (raw === undefined) return undefined;
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]:|([^:\s\[\]]*):)?(\d{1,5})$/.exec(raw.trim());
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port < 1 || port > 65535) {
+    throw new ConfigError(
+      `${name} must be [HOST:]PORT, for example 127.0.0.1:9464 or 9464 (got "${raw}")`,
+    );
+  }
+  return { hostname: m[1] ?? (m[2] || "127.0.0.1"), port };
+}
+
+const HOUR = 3_600_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -433,6 +555,26 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
   };
   const local = target("local");
   const remote = target("remote");
+  const everyMs = str("every") === undefined
+    ? undefined
+    : durationSetting(label("every"), str("every"), 0, [100, 24 * HOUR]);
+  const cron = str("cron")?.trim();
+  if (command === "run" && (everyMs === undefined) === (cron === undefined)) {
+    throw new ConfigError(
+      'run needs a schedule: either --every 30s or --cron "*/5 * * * *" (not both)',
+    );
+  }
+  if (cron !== undefined && cron.split(/\s+/).length !== 5) {
+    throw new ConfigError(
+      `${
+        label("cron")
+      } must have five fields: minute hour day-of-month month day-of-week (got "${cron}")`,
+    );
+  }
+  const agentId = str("agent-id")?.trim();
+  if (agentId !== undefined && (!agentId || agentId.length > 200)) {
+    throw new ConfigError(`${label("agent-id")} must be a name of 1-200 characters`);
+  }
   if (command === "requeue" && spec.available && !values.all && requeueIds.length === 0) {
     throw new ConfigError("requeue needs --all or at least one --id UUID");
   }
@@ -460,8 +602,21 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
     requeueAll: values.all === true,
     requeueIds,
     downloadTables,
-    every: str("every"),
-    cron: str("cron"),
+    everyMs,
+    cron,
+    jitterMs: durationSetting(label("jitter"), str("jitter"), 0, [0, 24 * HOUR]),
+    maxBackoffMs: durationSetting(label("max-backoff"), str("max-backoff"), 600_000, [
+      100,
+      24 * HOUR,
+    ]),
+    http: httpSetting(label("http"), str("http")),
+    agentId,
+    staleAfterMs: durationSetting(label("stale-after"), str("stale-after"), 900_000, [
+      1000,
+      365 * 24 * HOUR,
+    ]),
+    passwordFile: str("password-file"),
+    localPasswordFile: str("local-password-file"),
     pgpassFile: env.PGPASSFILE || (home ? `${home}/.pgpass` : undefined),
     secrets: secretsOf([str("local-url"), str("remote-url")]),
   };

@@ -151,10 +151,19 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
     // With fetch_types off, postgres.js never hands a first connection to reserve().
     fetch_types: true,
     prepare: true,
+    // Every remaining setting explicit: postgres.js reads PG<SETTING> variables from the
+    // environment for any option not given, which the binary's --allow-env list does not grant.
+    keep_alive: 60,
+    debug: false,
+    publications: "alltables",
+    backoff: (attempt: number) => (0.5 + Math.random() / 2) * Math.min(3 ** attempt / 100, 20),
     onnotice: () => {},
     connection: { application_name: target.applicationName, ...SESSION_SETTINGS },
     // Present at run time, missing from the TypeScript types (SPEC §5).
     ...({
+      sslnegotiation: null,
+      target_session_attrs: null,
+      max_pipeline: 100,
       socket: async () => {
         const socket = await openSocket(target);
         sockets.add(socket);

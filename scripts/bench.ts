@@ -13,7 +13,8 @@ import { type EmbeddedServer, startEmbeddedServer } from "../lib/embedded.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
-import { type DelayProxy, parseDuration, startDelayProxy } from "./delay_proxy.ts";
+import { parseDuration } from "../lib/duration.ts";
+import { type DelayProxy, startDelayProxy } from "./delay_proxy.ts";
 import { shippedFlags } from "./shipped_flags.ts";
 
 const TABLE = "meter_readings";

@@ -23,13 +23,6 @@ export interface DelayProxyOptions {
   maxQueuedBytes?: number;
 }
 
-/** Parses "50ms", "0.05s", "1.5s" or a bare number of ms; undefined for anything else. */
-export function parseDuration(text: string): number | undefined {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(text);
-  if (!m) return undefined;
-  return Number(m[1]) * (m[2] === "s" ? 1000 : 1);
-}
-
 interface Chunk {
   due: number;
   /** null: the sender closed its side. */

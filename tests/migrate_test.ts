@@ -71,6 +71,7 @@ Deno.test("migrate() applies the local migrations in order and records each with
     "003_add_meter_readings_indexes.sql",
     "004_add_sync_columns_to_meter_readings.sql",
     "005_create_sync_state.sql",
+    "006_add_rows_downloaded_to_runs.sql",
   ]);
   const result = await migrate(db.sql, files);
   assert.deepEqual(result.applied, files.map((m) => m.name));
@@ -96,6 +97,7 @@ Deno.test("migrate() applies the remote migrations: the same readings columns mi
     "001_create_meters.sql",
     "002_create_meter_readings.sql",
     "003_add_meter_readings_indexes.sql",
+    "004_create_sync_agents.sql",
   ]);
   assert.deepEqual((await history(remote.sql)).map((r) => r.name), result.applied);
   const localCols = await columnsOf(local.sql, "meter_readings");
@@ -103,6 +105,9 @@ Deno.test("migrate() applies the remote migrations: the same readings columns mi
   assert.deepEqual(remoteCols, localCols.filter((c) => c.name !== "is_synchronized"));
   // The sync bookkeeping lives on the gateway only.
   assert.equal(await tableExists(remote.sql, "meter_sync_quarantine"), false);
+  // The fleet table lives centrally only.
+  assert.ok(await tableExists(remote.sql, "sync_agents"));
+  assert.equal(await tableExists(local.sql, "sync_agents"), false);
 });
 
 Deno.test("migrate() a second time applies nothing and leaves the history as it was", async () => {

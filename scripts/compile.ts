@@ -1,0 +1,69 @@
+/**
+ * `deno task compile`: builds dist/meter-sync-x86_64 and dist/meter-sync-aarch64 (Linux) with
+ * the run-time flags the task passes after the script name (the same flags the tests run with).
+ *
+ * Build-time narrowing: METER_SYNC_ALLOW_NET=db1:5432,db2:5432 replaces --allow-net with those
+ * hosts, METER_SYNC_ALLOW_READ=/etc/meter-sync,... replaces --allow-read with those paths.
+ * `deno compile` downloads the runtime (denort) from dl.deno.land; when that is unreachable the
+ * task says so in one line and exits 1. DENORT_BIN=/path/to/denort uses a local copy instead.
+ */
+
+const TARGETS = {
+  x86_64: "x86_64-unknown-linux-gnu",
+  aarch64: "aarch64-unknown-linux-gnu",
+} as const;
+
+function narrowed(flags: string[]): string[] {
+  const net = Deno.env.get("METER_SYNC_ALLOW_NET");
+  const read = Deno.env.get("METER_SYNC_ALLOW_READ");
+  return flags.map((f) => {
+    if (f === "--allow-net" && net) return `--allow-net=${net}`;
+    if (f === "--allow-read" && read) return `--allow-read=${read}`;
+    return f;
+  });
+}
+
+async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boolean> {
+  const output = `dist/meter-sync-${arch}`;
+  const args = [
+    "compile",
+    "--target",
+    TARGETS[arch],
+    ...flags,
+    "--include",
+    "migrations",
+    "--output",
+    output,
+    "main.ts",
+  ];
+  const { code, stderr } = await new Deno.Command(Deno.execPath(), {
+    args,
+    stdout: "inherit",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).output();
+  const text = new TextDecoder().decode(stderr);
+  if (code === 0) {
+    console.log(`built ${output} (${TARGETS[arch]})`);
+    return true;
+  }
+  const lines = text.split(/Stack backtrace/)[0].split("\n").map((l) => l.trim()).filter(Boolean);
+  const url = /https:\/\/dl\.deno\.land\/\S+/.exec(text)?.[0];
+  // The innermost cause of the chain ("3: dns error: ...") names what went wrong.
+  const causes = lines.filter((l) => /^\d+: /.test(l)).map((l) => l.replace(/^\d+: /, ""));
+  const reason = causes.at(-1) ?? lines.find((l) => /error/i.test(l)) ?? lines[0] ?? `exit ${code}`;
+  const download = url !== undefined;
+  console.error(
+    download
+      ? `compile: cannot build ${output}: deno compile must download the Deno runtime (${url}) and that failed: ${reason}; build on a machine that reaches dl.deno.land, or set DENORT_BIN to a local denort`
+      : `compile: cannot build ${output}: ${reason}`,
+  );
+  return false;
+}
+
+const flags = narrowed(Deno.args);
+let ok = true;
+for (const arch of Object.keys(TARGETS) as (keyof typeof TARGETS)[]) {
+  ok = (await build(arch, flags)) && ok;
+}
+Deno.exit(ok ? 0 : 1);
