@@ -268,8 +268,9 @@ Deno.test("migrate() upgrades a production database that predates is_synchronize
         FROM meter_readings ORDER BY id`;
   const before = [...await snapshot()];
 
-  const result = await migrate(db.sql, await loadMigrations(migrationsDir("local")));
-  assert.equal(result.applied.length, 5);
+  const files = await loadMigrations(migrationsDir("local"));
+  const result = await migrate(db.sql, files);
+  assert.equal(result.applied.length, files.length);
 
   const cols = await columnsOf(db.sql, "meter_readings");
   assert.deepEqual(cols.map((c) => c.name), [
