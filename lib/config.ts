@@ -543,6 +543,11 @@ export function parseInvocation({ args, env }: Invocation): Parsed {
     : spec.needs;
   const target = (side: "local" | "remote"): DbTarget | undefined => {
     const flag = `${side}-url`;
+    // status also looks at the remote, when it is configured.
+    if (command === "status" && side === "remote") {
+      const raw = str(flag);
+      return raw ? parseDatabaseUrl(raw, label(flag)) : undefined;
+    }
     if (needs !== side && needs !== "both") return undefined;
     const raw = str(flag);
     if (!raw) {

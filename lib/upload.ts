@@ -41,8 +41,10 @@ export interface UploadOptions {
   capMs?: number;
   /** Resident size above which each finished batch's garbage is collected at once. @default 96 */
   memoryBudgetMb?: number;
-  /** Called after every batch, for progress display. */
-  onBatch?: (progress: UploadResult) => void;
+  /** Called after every batch with the totals so far and that batch's rows and duration. */
+  onBatch?: (progress: UploadResult, batch: { rows: number; ms: number }) => void;
+  /** Called before each retry of a transient fault, with its SQLSTATE (null: no SQLSTATE). */
+  onRetry?: (retry: { sqlstate: string | null; attempt: number }) => void;
 }
 
 /** What a cycle did. */
@@ -173,6 +175,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       onRetry: async (err, n, ms) => {
         result.retries++;
         warnRetry(what, err, n, maxRetries, ms);
+        options.onRetry?.({ sqlstate: sqlState(err) ?? null, attempt: n });
         await Promise.all([deps.local.renew(), deps.remote.renew()]);
       },
     });
@@ -427,7 +430,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       },
     );
     result.seconds = (deps.clock.now() - started) / 1000;
-    options.onBatch?.({ ...result });
+    options.onBatch?.({ ...result }, {
+      rows: out.onRemote.length + out.rejected.length,
+      ms: deps.clock.now() - batchStart,
+    });
   }
   await dropPrefetched();
   // The last batch's local commit: it can only fail as a LocalDeleteError.
