@@ -1,11 +1,11 @@
 /** meter-sync entry point: the only place that reads args and env, handles signals and exits. */
 import { getLogger } from "@logtape/logtape";
-import meta from "./deno.json" with { type: "json" };
 import { checkSchemaCommand } from "./lib/commands/check_schema.ts";
 import { type CommandContext, systemClock } from "./lib/commands/context.ts";
 import { migrateCommand } from "./lib/commands/migrate.ts";
 import { seedCommand } from "./lib/commands/seed.ts";
 import { statusCommand } from "./lib/commands/status.ts";
+import { runCommand } from "./lib/commands/run.ts";
 import { downloadCommand, syncCommand } from "./lib/commands/sync.ts";
 import { requeueCommand } from "./lib/commands/requeue.ts";
 import {
@@ -19,6 +19,7 @@ import {
 import { ConfigError, CycleError, describeError, ExitCode, SchemaError } from "./lib/errors.ts";
 import { setupLogging } from "./lib/log.ts";
 import { redactText } from "./lib/redact.ts";
+import { VERSION } from "./lib/version.ts";
 
 type Command = (config: Config, ctx: CommandContext) => Promise<number>;
 
@@ -40,6 +41,7 @@ const COMMAND_TABLE: Partial<Record<CommandName, Command>> = {
   sync: syncCommand,
   upload: syncCommand,
   download: downloadCommand,
+  run: runCommand,
   requeue: requeueCommand,
   status: statusCommand,
   migrate: migrateCommand,
@@ -60,6 +62,28 @@ function readEnv(): Record<string, string | undefined> {
   return Object.fromEntries(ENV_VARS.map((name) => [name, Deno.env.get(name)]));
 }
 
+/** The agent's default name in sync_agents: the host name. */
+function hostname(): string | undefined {
+  try {
+    return Deno.hostname();
+  } catch {
+    return undefined;
+  }
+}
+
+/** --cron: Deno.cron (UTC), stopped by the signal. */
+function cron(schedule: string, signal: AbortSignal, handler: () => void): void {
+  try {
+    Deno.cron("meter-sync", schedule, { signal }, handler);
+  } catch (err) {
+    throw new ConfigError(
+      `--cron "${schedule}" is not a schedule cron accepts (${
+        err instanceof Error ? err.message : err
+      }); five fields: minute hour day-of-month month day-of-week, e.g. "*/5 * * * *"`,
+    );
+  }
+}
+
 async function main(): Promise<number> {
   let secrets: string[] = [];
   let jsonLogs = false;
@@ -75,10 +99,11 @@ async function main(): Promise<number> {
       return ExitCode.ok;
     }
     if (parsed.kind === "version") {
-      print(`meter-sync ${meta.version} (deno ${Deno.version.deno})`);
+      print(`meter-sync ${VERSION} (deno ${Deno.version.deno})`);
       return ExitCode.ok;
     }
     const config = parsed.config;
+    config.agentId ??= hostname();
     secrets = config.secrets;
     const command = COMMAND_TABLE[config.command];
     if (!COMMAND_SPECS[config.command].available || !command) {
@@ -118,6 +143,10 @@ async function main(): Promise<number> {
         clock: systemClock,
         random: Math.random,
         isTerminal: Deno.stdout.isTerminal(),
+        ...(config.logFormat === "pretty" && Deno.stderr.isTerminal()
+          ? { progress: (text: string) => Deno.stderr.writeSync(encoder.encode(text)) }
+          : {}),
+        cron,
       });
     } finally {
       for (const [s, h] of handlers) Deno.removeSignalListener(s, h);

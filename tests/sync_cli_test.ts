@@ -73,7 +73,7 @@ Deno.test("sync drains the queue and status --json reports it, as a user runs th
   const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
   const sync = await runCli(["sync", "--batch-size", "500"], { env });
   assert.equal(sync.code, 0, sync.stderr);
-  assert.match(sync.stderr, /uploaded 1234 readings in 3 batches/);
+  assert.match(sync.stderr, /sync: 1234 rows up, \d+ rows down, 3 batches in/);
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 1234, ids: 1234 });
   const status = await runCli(["status", "--json"], { env });
   assert.equal(status.code, 0, status.stderr);
@@ -163,7 +163,7 @@ Deno.test("killed between the remote commit and the local delete: the next run a
   assert.equal(again.code, 0, again.stderr);
   assert.match(
     again.stderr,
-    new RegExp(`uploaded ${600 - onRemote} readings .* ${onRemote} already on the remote`),
+    new RegExp(`upload: ${600 - onRemote} rows up, .* ${onRemote} already on the remote`),
   );
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 600, ids: 600 });
   assert.equal(await count(p.local.sql), 0);

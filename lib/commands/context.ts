@@ -34,4 +34,11 @@ export interface CommandContext {
   random: () => number;
   /** Whether stdout is a terminal (progress bars, colours). */
   isTerminal: boolean;
+  /** Writes raw text to stderr when it is a terminal (a progress bar); absent otherwise. */
+  progress?: (text: string) => void;
+  /**
+   * Calls handler on a five-field cron schedule until signal aborts (Deno.cron in main.ts);
+   * throws a ConfigError for a schedule cron does not accept.
+   */
+  cron?: (schedule: string, signal: AbortSignal, handler: () => void) => void;
 }

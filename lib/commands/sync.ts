@@ -1,97 +1,63 @@
-/** `sync` and `upload`: one cycle that drains the queue, recorded in the local run history. */
+/**
+ * One cycle (`sync`, `upload`, and each cycle of `run`): the upload, the download for sync
+ * and run, then the bookkeeping: the local run history, the queue figures, the heartbeat
+ * in the remote sync_agents table, one log line.
+ */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "../config.ts";
-import { withPools } from "../connections.ts";
+import { withDatabases, withPools } from "../connections.ts";
 import { CycleError, describeError, SchemaError } from "../errors.ts";
 import { download } from "../download.ts";
 import type { Sql } from "../db.ts";
+import { recordHeartbeat } from "../heartbeat.ts";
 import { recordRun } from "../runs.ts";
-import { upload, type UploadDeps, type UploadResult } from "../upload.ts";
+import { readStatus, type StatusReport } from "../status.ts";
+import { upload, type UploadOptions, type UploadResult } from "../upload.ts";
+import { VERSION } from "../version.ts";
 import type { CommandContext } from "./context.ts";
 
 const log = getLogger(["meter-sync", "cycle"]);
 
-/** Runs one upload cycle with the config's settings; the caller owns the connections. */
-export async function uploadCycle(
-  config: Config,
-  ctx: CommandContext,
-  deps: UploadDeps,
-): Promise<UploadResult> {
-  const startedAt = new Date(ctx.clock.now());
-  try {
-    const result = await upload(deps, {
-      table: config.table,
-      batchSize: config.batchSize,
-      maxBatches: config.maxBatches,
-      maxRetries: config.maxRetries,
-    });
-    const rate = result.seconds > 0 ? Math.round(result.deleted / result.seconds) : 0;
-    log.info(
-      "uploaded {rows} readings in {batches} batches in {seconds} s ({rate} rows/s); {skipped} already on the remote, {quarantined} quarantined{stopped}",
-      {
-        rows: result.uploaded,
-        batches: result.batches,
-        seconds: Number(result.seconds.toFixed(2)),
-        rate,
-        skipped: result.skipped,
-        quarantined: result.quarantined,
-        retries: result.retries,
-        stopped: result.stopped ? "; stopped by signal" : "",
-      },
-    );
-    await recordRun(deps.local.sql, {
-      command: config.command,
-      startedAt,
-      finishedAt: new Date(ctx.clock.now()),
-      outcome: "ok",
-      uploaded: result.uploaded,
-      deleted: result.deleted,
-      skipped: result.skipped,
-      batches: result.batches,
-      quarantined: result.quarantined,
-    }).catch((err) => log.warn("could not record the run: {error}", { error: describeError(err) }));
-    return result;
-  } catch (err) {
-    const message = describeError(err);
-    // main.ts reports the failure once; here it only goes into the history.
-    // Best effort: when the local database is what failed, there is nowhere to write.
-    await recordRun(deps.local.sql, {
-      command: config.command,
-      startedAt,
-      finishedAt: new Date(ctx.clock.now()),
-      outcome: "failed",
-      uploaded: 0,
-      deleted: 0,
-      skipped: 0,
-      batches: 0,
-      quarantined: 0,
-      error: message,
-    }).catch(() => {});
-    throw err;
-  }
+/** What a caller may observe during a cycle (metrics in run mode, progress on a terminal). */
+export interface CycleHooks {
+  onBatch?: UploadOptions["onBatch"];
+  onRetry?: UploadOptions["onRetry"];
+  /** Called once the upload knows it has work, with the size of the queue before it. */
+  onBacklog?: (rows: number) => void;
+  /** Whether onBacklog is wanted (it costs a count of the queue). */
+  wantsBacklog?: boolean;
 }
 
-export async function syncCommand(config: Config, ctx: CommandContext): Promise<number> {
-  // No ping first: a database that does not answer yet is a transient fault, retried.
-  return await withPools(config, async (pools) => {
-    const result = await uploadCycle(config, ctx, {
-      ...pools,
-      clock: ctx.clock,
-      random: ctx.random,
-      signal: ctx.signal,
-    });
-    // sync = upload, then the reference data down; not after a stop signal.
-    if (config.command === "sync" && !result.stopped && !ctx.signal.aborted) {
-      await downloadTables(config, pools.local.sql, pools.remote.sql);
-    }
-    return 0;
-  });
+/** What one cycle did. */
+export interface CycleReport {
+  outcome: "ok" | "failed";
+  startedAt: Date;
+  finishedAt: Date;
+  upload: UploadResult | null;
+  /** Rows the download inserted, updated or deleted. */
+  downloaded: number;
+  /** The queue after the cycle; null when the local database could not be read. */
+  status: StatusReport | null;
+  /** Why the cycle failed. */
+  error?: unknown;
 }
+
+const EMPTY: UploadResult = {
+  uploaded: 0,
+  skipped: 0,
+  deleted: 0,
+  quarantined: 0,
+  batches: 0,
+  retries: 0,
+  seconds: 0,
+  stopped: false,
+};
 
 /** The download half: every --download-tables table; a failure fails the cycle (exit 1 or 3). */
-export async function downloadTables(config: Config, local: Sql, remote: Sql): Promise<void> {
+export async function downloadTables(config: Config, local: Sql, remote: Sql): Promise<number> {
   try {
-    await download({ local, remote }, config.downloadTables);
+    const results = await download({ local, remote }, config.downloadTables);
+    return results.reduce((n, r) => n + r.inserted + r.updated + r.deleted, 0);
   } catch (err) {
     if (err instanceof SchemaError) throw err;
     throw new CycleError(`download failed: ${describeError(err)}; nothing was changed locally`, {
@@ -100,9 +66,150 @@ export async function downloadTables(config: Config, local: Sql, remote: Sql): P
   }
 }
 
+async function countQueue(sql: Sql, table: string): Promise<number> {
+  return (await readStatus(sql, table)).queue_size;
+}
+
+/**
+ * Runs one cycle and never throws: a failure is reported in the result, with the
+ * history, heartbeat and queue figures written as far as the databases allow.
+ */
+export async function runCycle(
+  config: Config,
+  ctx: CommandContext,
+  hooks: CycleHooks = {},
+): Promise<CycleReport> {
+  const startedAt = new Date(ctx.clock.now());
+  let result: UploadResult | null = null;
+  let downloaded = 0;
+  let error: unknown;
+  try {
+    // No ping first: a database that does not answer yet is a transient fault, retried.
+    await withPools(config, async (pools) => {
+      if (hooks.wantsBacklog && hooks.onBacklog) {
+        hooks.onBacklog(await countQueue(pools.local.sql, config.table));
+      }
+      result = await upload({
+        ...pools,
+        clock: ctx.clock,
+        random: ctx.random,
+        signal: ctx.signal,
+      }, {
+        table: config.table,
+        batchSize: config.batchSize,
+        maxBatches: config.maxBatches,
+        maxRetries: config.maxRetries,
+        onBatch: hooks.onBatch,
+        onRetry: hooks.onRetry,
+      });
+      // The reference data down after the upload; not after a stop signal.
+      if (config.command !== "upload" && !result.stopped && !ctx.signal.aborted) {
+        downloaded = await downloadTables(config, pools.local.sql, pools.remote.sql);
+      }
+    });
+  } catch (err) {
+    error = err;
+  }
+  const finishedAt = new Date(ctx.clock.now());
+  const outcome = error === undefined ? "ok" : "failed";
+  const up: UploadResult = result ?? EMPTY;
+  const message = error === undefined ? null : describeError(error);
+
+  // Bookkeeping, best effort: when a database is what failed, there is nowhere to write.
+  let status: StatusReport | null = null;
+  await withDatabases({ ...config, remote: undefined }, async ({ local }) => {
+    await recordRun(local!, {
+      command: config.command,
+      startedAt,
+      finishedAt,
+      outcome,
+      uploaded: up.uploaded,
+      deleted: up.deleted,
+      skipped: up.skipped,
+      batches: up.batches,
+      quarantined: up.quarantined,
+      downloaded,
+      ...(message === null ? {} : { error: message }),
+    });
+    status = await readStatus(local!, config.table);
+  }).catch((err) => {
+    log.warn("could not record the cycle in the local history: {error}", {
+      error: describeError(err),
+    });
+  });
+  const queue = status as StatusReport | null;
+  if (config.agentId && config.remote) {
+    const remote = { ...config.remote, connectTimeout: Math.min(config.remote.connectTimeout, 5) };
+    await withDatabases({ ...config, local: undefined, remote }, async (dbs) => {
+      await recordHeartbeat(dbs.remote!, {
+        agentId: config.agentId!,
+        version: VERSION,
+        startedAt,
+        finishedAt,
+        outcome,
+        uploaded: up.uploaded,
+        downloaded,
+        queueSize: queue?.queue_size ?? null,
+        quarantined: queue?.quarantined ?? null,
+        error: message,
+      });
+    }).catch((err) => {
+      // Expected while the remote is down; a missing table means migrations are pending.
+      const hint = /sync_agents/.test(describeError(err))
+        ? " (run: meter-sync migrate --target remote)"
+        : "";
+      log.debug("heartbeat not recorded in sync_agents: {error}{hint}", {
+        error: describeError(err),
+        hint,
+      });
+    });
+  }
+
+  if (outcome === "ok") {
+    const seconds = (finishedAt.getTime() - startedAt.getTime()) / 1000;
+    log.info(
+      "{command}: {rows} rows up, {down} rows down, {batches} batches in {seconds} s ({rate} rows/s); {left} left in the queue, {quarantined} quarantined{extra}",
+      {
+        command: config.command,
+        rows: up.uploaded,
+        down: downloaded,
+        batches: up.batches,
+        seconds: Number(seconds.toFixed(2)),
+        rate: up.seconds > 0 ? Math.round(up.deleted / up.seconds) : 0,
+        left: queue?.queue_size ?? null,
+        quarantined: up.quarantined,
+        skipped: up.skipped,
+        retries: up.retries,
+        stopped: up.stopped,
+        extra: [
+          up.skipped ? `; ${up.skipped} already on the remote` : "",
+          up.stopped ? "; stopped by signal" : "",
+        ].join(""),
+      },
+    );
+  }
+  return {
+    outcome,
+    startedAt,
+    finishedAt,
+    upload: result,
+    downloaded,
+    status: queue,
+    ...(error === undefined ? {} : { error }),
+  };
+}
+
+/** `sync` and `upload`: one cycle; a failure becomes the exit code (main.ts reports it). */
+export async function syncCommand(config: Config, ctx: CommandContext): Promise<number> {
+  const report = await runCycle(config, ctx);
+  if (report.error !== undefined) throw report.error;
+  return 0;
+}
+
 export async function downloadCommand(config: Config, _ctx: CommandContext): Promise<number> {
   return await withPools(config, async ({ local, remote }) => {
-    await downloadTables(config, local.sql, remote.sql);
+    const rows = await downloadTables(config, local.sql, remote.sql);
+    log.info("download: {rows} rows changed locally", { rows });
     return 0;
   });
 }

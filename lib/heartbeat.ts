@@ -1,0 +1,46 @@
+/** The fleet table: after each cycle the agent upserts its row in the remote sync_agents. */
+import type { Sql } from "./db.ts";
+
+/** One cycle as the central side sees it. */
+export interface Heartbeat {
+  agentId: string;
+  version: string;
+  startedAt: Date;
+  finishedAt: Date;
+  outcome: "ok" | "failed";
+  uploaded: number;
+  downloaded: number;
+  /** Null when the local database could not be read after the cycle. */
+  queueSize: number | null;
+  quarantined: number | null;
+  error: string | null;
+}
+
+/**
+ * Upserts the agent's row. Totals accumulate; the last success survives a failed cycle,
+ * so `ORDER BY last_success_at NULLS FIRST` lists the gateways that are behind.
+ */
+export async function recordHeartbeat(sql: Sql, beat: Heartbeat): Promise<void> {
+  const ok = beat.outcome === "ok";
+  await sql`
+    INSERT INTO sync_agents AS a (agent_id, version, last_cycle_started_at, last_cycle_finished_at,
+                                  last_outcome, last_success_at, rows_uploaded, rows_uploaded_total,
+                                  rows_downloaded, queue_size, quarantined, last_error, updated_at)
+    VALUES (${beat.agentId}, ${beat.version}, ${beat.startedAt.toISOString()},
+            ${beat.finishedAt.toISOString()}, ${beat.outcome},
+            ${ok ? beat.finishedAt.toISOString() : null}, ${beat.uploaded}, ${beat.uploaded},
+            ${beat.downloaded}, ${beat.queueSize}, ${beat.quarantined}, ${beat.error}, now())
+    ON CONFLICT (agent_id) DO UPDATE SET
+      version = EXCLUDED.version,
+      last_cycle_started_at = EXCLUDED.last_cycle_started_at,
+      last_cycle_finished_at = EXCLUDED.last_cycle_finished_at,
+      last_outcome = EXCLUDED.last_outcome,
+      last_success_at = coalesce(EXCLUDED.last_success_at, a.last_success_at),
+      rows_uploaded = EXCLUDED.rows_uploaded,
+      rows_uploaded_total = a.rows_uploaded_total + EXCLUDED.rows_uploaded,
+      rows_downloaded = EXCLUDED.rows_downloaded,
+      queue_size = coalesce(EXCLUDED.queue_size, a.queue_size),
+      quarantined = coalesce(EXCLUDED.quarantined, a.quarantined),
+      last_error = EXCLUDED.last_error,
+      updated_at = now()`;
+}
