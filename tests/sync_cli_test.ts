@@ -1,54 +1,9 @@
 /** sync/upload as a user runs them (main.ts with the compile task's flags): G2 on a kill, G8, G9, logs, exit codes. */
 import assert from "node:assert/strict";
 import { upload } from "../lib/upload.ts";
-import { compileFlags, runCli, type Sql } from "./_harness.ts";
+import { agentCopying, finish, slowRemoteCopies, spawnCli, waitFor } from "./_agent.ts";
+import { runCli } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
-
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
-
-/** Starts main.ts with the compile flags, without waiting for it. */
-async function spawnCli(args: string[], env: Record<string, string>): Promise<Deno.ChildProcess> {
-  return new Deno.Command(Deno.execPath(), {
-    args: ["run", "--quiet", ...(await compileFlags()), MAIN, ...args],
-    env: { NO_COLOR: "1", ...env },
-    stdout: "piped",
-    stderr: "piped",
-    stdin: "null",
-  }).spawn();
-}
-
-async function waitFor(what: string, ok: () => Promise<boolean>, ms = 30_000): Promise<void> {
-  const until = Date.now() + ms;
-  while (!(await ok())) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-async function finish(child: Deno.ChildProcess, ms = 30_000) {
-  const timer = setTimeout(() => child.kill("SIGKILL"), ms);
-  const out = await child.output();
-  clearTimeout(timer);
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Makes every remote COPY take `seconds` longer, so that a signal lands inside a batch. */
-async function slowRemoteCopies(sql: Sql, seconds: number): Promise<void> {
-  await sql.unsafe(`
-    CREATE FUNCTION slow_copy() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$;
-    CREATE TRIGGER slow_copy AFTER INSERT ON meter_readings
-      FOR EACH STATEMENT EXECUTE FUNCTION slow_copy();`);
-}
-
-/** Waits until the agent's remote backend is running a COPY. */
-async function agentCopying(sql: Sql): Promise<boolean> {
-  const [row] = await sql`
-    SELECT count(*)::int AS n FROM pg_stat_activity
-     WHERE application_name = 'meter-sync' AND state = 'active' AND query ILIKE 'copy%'`;
-  return row.n > 0;
-}
 
 /** Peak resident memory (VmHWM, kB) of a running process, polled until it exits. */
 async function peakRss(child: Deno.ChildProcess): Promise<number> {
