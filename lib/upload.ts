@@ -465,9 +465,10 @@ function releaseMemory(budgetMb: number): void {
 }
 
 function warnRetry(what: string, err: unknown, n: number, max: number, ms: number): void {
-  log.warn("{what} failed: {error}; retry {retry} of {max} in {ms} ms", {
+  log.warn("{what} failed ({code}): {error}; retry {retry} of {max} in {ms} ms", {
     what,
     error: describeError(err),
+    code: sqlState(err) ? `SQLSTATE ${sqlState(err)}` : "connection error",
     sqlstate: sqlState(err) ?? null,
     retry: n,
     max,

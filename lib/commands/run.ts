@@ -57,12 +57,6 @@ export async function runAgent(
       const report = await runCycle(config, ctx, hooks.cycle);
       state.lastReport = report;
       if (report.outcome === "ok") state.lastSuccessAtMs = report.finishedAt.getTime();
-      else {
-        log.error("cycle failed: {error}", {
-          error: describeError(report.error),
-          failures: agent.failures + 1,
-        });
-      }
       hooks.onCycle?.(report, state);
       return report.outcome;
     },
@@ -78,9 +72,10 @@ export async function runAgent(
           wait: formatDuration(resumesInMs),
         }),
       backingOff: ({ failures, waitMs }) =>
-        log.warn(
-          "{failures} failed cycles in a row; the next one in {wait} at the earliest (backoff, capped at {cap}); nothing is lost meanwhile",
+        log.error(
+          "cycle failed: {error}; {failures} failed cycles in a row; the next one in {wait} at the earliest (backoff, capped at {cap}); the readings wait in the local queue",
           {
+            error: describeError(state.lastReport?.error),
             failures,
             wait: formatDuration(waitMs),
             waitMs,
