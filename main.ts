@@ -144,7 +144,12 @@ async function main(): Promise<number> {
         random: Math.random,
         isTerminal: Deno.stdout.isTerminal(),
         ...(config.logFormat === "pretty" && Deno.stderr.isTerminal()
-          ? { progress: (text: string) => Deno.stderr.writeSync(encoder.encode(text)) }
+          ? {
+            progress: {
+              write: (text: string) => Deno.stderr.writeSync(encoder.encode(text)),
+              columns: Deno.consoleSize().columns,
+            },
+          }
           : {}),
         cron,
       });

@@ -222,6 +222,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
     flags: {
       json: { type: "boolean", help: "one JSON object, for machines" },
       "stale-after": STALE_AFTER,
+      "agent-id": AGENT_ID,
     },
     needs: "local",
     available: true,

@@ -229,7 +229,8 @@ Deno.test("meter-sync migrates, seeds, reports status and catches schema drift o
 
   await t.step("status --json shows a queue of 2000 and the keys of SPEC §3", async () => {
     const r = await run(["status", "--json"]);
-    assert.equal(r.code, 0, describe(["status", "--json"], r));
+    // Never synced yet: stale, so that status as a check command flags the gateway (exit 1).
+    assert.equal(r.code, 1, describe(["status", "--json"], r));
     assert.equal(r.stdout.trimEnd().split("\n").length, 1, r.stdout);
     const status = JSON.parse(r.stdout);
     for (const key of SPEC_STATUS_KEYS) {
@@ -241,11 +242,13 @@ Deno.test("meter-sync migrates, seeds, reports status and catches schema drift o
     assert.ok(status.oldest_pending_age_s >= 0);
     assert.equal(status.last_success_at, null);
     assert.equal(status.last_error, null);
+    assert.equal(status.stale, true);
   });
 
   await t.step("status without --json says how many readings wait", async () => {
     const r = await run(["status"]);
-    assert.equal(r.code, 0, describe(["status"], r));
+    assert.equal(r.code, 1, describe(["status"], r));
+    assert.match(r.stdout, /STALE \(no successful cycle yet/);
     assert.match(r.stdout, /2000 readings waiting/);
   });
 

@@ -53,6 +53,13 @@ Deno.test("run --every 1s delivers every reading a steady poller inserts, exactl
     await sleep(100);
   }
   await waitFor("the queue drained", async () => (await count(p.local.sql)) === 0, 20_000);
+  // The meters list comes down on the next cycles: a rename and a new meter.
+  await p.remote.sql`UPDATE meters SET name = 'renamed centrally' WHERE id = 1`;
+  await p.remote.sql`INSERT INTO meters (id, serial_number, name) VALUES (6, 'M-6', 'new')`;
+  await waitFor("the meters mirrored", async () => {
+    const rows = await p.local.sql`SELECT id::int, name FROM meters WHERE id IN (1, 6) ORDER BY id`;
+    return rows.length === 2 && rows[0].name === "renamed centrally";
+  }, 20_000);
   const health = await get(port, "/healthz");
   assert.equal(health.status, 200, health.body);
   const metrics = await get(port, "/metrics");

@@ -34,8 +34,8 @@ export interface CommandContext {
   random: () => number;
   /** Whether stdout is a terminal (progress bars, colours). */
   isTerminal: boolean;
-  /** Writes raw text to stderr when it is a terminal (a progress bar); absent otherwise. */
-  progress?: (text: string) => void;
+  /** Raw text to stderr when it is a terminal (a progress bar) and its width; absent otherwise. */
+  progress?: { write(text: string): void; columns?: number };
   /**
    * Calls handler on a five-field cron schedule until signal aborts (Deno.cron in main.ts);
    * throws a ConfigError for a schedule cron does not accept.
