@@ -107,8 +107,13 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
 /** A duplicate key on the idempotency key: the batch (or part of it) is on the remote already. */
 function isReplay(err: unknown, key: string): boolean {
   if (sqlState(err) !== "23505") return false;
-  const detail = String((err as { detail?: unknown }).detail ?? "");
-  return detail.startsWith(`Key (${key})=`) || detail.startsWith(`Key (${quoteIdent(key)})=`);
+  const detail = (err as { detail?: unknown }).detail;
+  // PostgreSQL leaves the key out of the detail when the role may not SELECT it: that may be a
+  // replay too. The staged write tells: ON CONFLICT (id) skips replayed rows and raises again
+  // for any other duplicate (or 42501 without SELECT on id, which ends the cycle clearly).
+  if (detail === undefined || detail === null || detail === "") return true;
+  const text = String(detail);
+  return text.startsWith(`Key (${key})=`) || text.startsWith(`Key (${quoteIdent(key)})=`);
 }
 
 /** The 1-based line of a COPY error ("COPY t, line 57, column x: ..."), if the server said. */
