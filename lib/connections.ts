@@ -1,9 +1,17 @@
 /** Opens the databases a command needs, says clearly when one cannot be reached, and closes them. */
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "./config.ts";
-import { connect, type ConnectOptions, openPool, type Pool, type Sql } from "./db.ts";
+import {
+  connect,
+  type ConnectOptions,
+  openPool,
+  passwordSourceOf,
+  type Pool,
+  type Sql,
+  TlsError,
+} from "./db.ts";
 import type { DbTarget } from "./db_url.ts";
-import { classifyError, CycleError, describeError } from "./errors.ts";
+import { classifyError, CycleError, describeError, sqlState } from "./errors.ts";
 
 const log = getLogger(["meter-sync", "db"]);
 
@@ -25,17 +33,48 @@ export async function ping(sql: Sql, target: DbTarget, side: string): Promise<vo
     await sql`SELECT 1`;
   } catch (err) {
     const why = describeError(err);
-    const kind = classifyError(err);
-    const hint = kind === "transient" ? "is the server running and reachable?" : "check the URL";
-    throw new CycleError(`cannot reach the ${side} database ${target.display}: ${why} (${hint})`, {
+    let hint = " (check the URL)";
+    // A TLS message already says what to check.
+    if (err instanceof TlsError) hint = "";
+    else if (classifyError(err) === "transient") hint = " (is the server running and reachable?)";
+    else if (sqlState(err) === "28P01") {
+      const source = passwordSourceOf(sql);
+      if (source) {
+        hint = source.startsWith("no ") ? ` (${source})` : ` (the password came from ${source})`;
+      }
+    }
+    throw new CycleError(`cannot reach the ${side} database ${target.display}: ${why}${hint}`, {
       cause: err,
     });
   }
 }
 
-/** How every command connects: the pgpass file of the config, warnings to the log. */
-function connectOptions(config: Config): ConnectOptions {
-  return { pgpassFile: config.pgpassFile, warn: (message) => log.warn(message) };
+/**
+ * Adds a password read from a file to the secrets main.ts and the log sink mask. They
+ * hold this very array, so a password read at connect time is masked from then on.
+ */
+export function rememberSecret(secrets: string[], secret: string): void {
+  const forms = [secret, JSON.stringify(secret).slice(1, -1), encodeURIComponent(secret)];
+  for (const form of forms) if (form && !secrets.includes(form)) secrets.push(form);
+  // Longest first, as secretsOf() orders them: a secret inside another is masked whole.
+  secrets.sort((a, b) => b.length - a.length);
+}
+
+/**
+ * How every command connects to one side: the password file of that side, the pgpass
+ * file, warnings to the log, and every password read from a file added to the secrets.
+ */
+export function connectOptions(config: Config, side: "local" | "remote"): ConnectOptions {
+  const path = side === "local" ? config.localPasswordFile : config.passwordFile;
+  const setting = side === "local"
+    ? "--local-password-file or METER_SYNC_LOCAL_PASSWORD_FILE"
+    : "--password-file or METER_SYNC_PASSWORD_FILE";
+  return {
+    pgpassFile: config.pgpassFile,
+    passwordFile: path ? { path, setting, side } : undefined,
+    warn: (message) => log.warn(message),
+    onSecret: (secret) => rememberSecret(config.secrets, secret),
+  };
 }
 
 /** Runs fn with connections to the databases the config names, closing them afterwards. */
@@ -45,10 +84,14 @@ export async function withDatabases<T>(
   options: WithDatabasesOptions = {},
 ): Promise<T> {
   const dbs: Databases = {};
-  const connectWith = { ...connectOptions(config), max: options.max };
+  const max = options.max;
   try {
-    if (config.local) dbs.local = await connect(config.local, connectWith);
-    if (config.remote) dbs.remote = await connect(config.remote, connectWith);
+    if (config.local) {
+      dbs.local = await connect(config.local, { ...connectOptions(config, "local"), max });
+    }
+    if (config.remote) {
+      dbs.remote = await connect(config.remote, { ...connectOptions(config, "remote"), max });
+    }
     return await fn(dbs);
   } finally {
     await Promise.all([dbs.local?.end({ timeout: 5 }), dbs.remote?.end({ timeout: 5 })]);
@@ -60,10 +103,15 @@ export async function withPools<T>(
   config: Config,
   fn: (pools: { local: Pool; remote: Pool }) => Promise<T>,
 ): Promise<T> {
-  const options = connectOptions(config);
   // Two local connections: the next batch is claimed while the current one travels.
-  const local = await openPool(config.local!, { ...options, max: 2 });
-  const remote = await openPool(config.remote!, options);
+  const local = await openPool(config.local!, { ...connectOptions(config, "local"), max: 2 });
+  let remote: Pool;
+  try {
+    remote = await openPool(config.remote!, connectOptions(config, "remote"));
+  } catch (err) {
+    await local.end();
+    throw err;
+  }
   try {
     return await fn({ local, remote });
   } finally {

@@ -1,8 +1,11 @@
-/** Opens postgres.js connections the way meter-sync needs them: no Nagle, fixed session settings. */
+/** Opens postgres.js connections the way meter-sync needs them: no Nagle, own TLS, fixed session settings. */
+import { EventEmitter } from "node:events";
 import net from "node:net";
 import tls from "node:tls";
 import postgres from "postgres";
 import type { DbTarget } from "./db_url.ts";
+import { ConfigError } from "./errors.ts";
+import { fileProblem, modeOf, readPasswordFile, tooOpen } from "./password_file.ts";
 import { readPgpass } from "./pgpass.ts";
 
 export type Sql = postgres.Sql;
@@ -11,10 +14,18 @@ export type Sql = postgres.Sql;
 export interface ConnectOptions {
   /** Connections in the pool. @default 1 */
   max?: number;
-  /** The pgpass file to consult when the URL carries no password. */
+  /** The pgpass file to consult when neither the URL nor a password file gives a password. */
   pgpassFile?: string;
-  /** Receives warnings (an unsafe pgpass file). @default ignore */
+  /** A file holding this database's password; read when the URL carries none. */
+  passwordFile?: { path: string; setting: string; side: string };
+  /** Receives warnings (an unsafe pgpass file, an ignored password file). @default ignore */
   warn?: (message: string) => void;
+  /**
+   * Receives a password read from a file (password file or pgpass), so that the caller
+   * can mask it in everything it prints; a URL's password is known before connecting.
+   * @default ignore
+   */
+  onSecret?: (secret: string) => void;
 }
 
 /**
@@ -29,59 +40,272 @@ export const SESSION_SETTINGS = {
   client_encoding: "UTF8",
 } as const;
 
-function sslOption(target: DbTarget): postgres.Options<Record<string, never>>["ssl"] {
-  switch (target.sslmode) {
-    case "disable":
-      return false;
-    case "allow":
-    case "prefer":
-    case "require":
-      return target.sslmode;
-    case "verify-ca":
-    case "verify-full": {
-      const options: tls.ConnectionOptions = { rejectUnauthorized: true };
-      if (target.sslrootcert) options.ca = Deno.readTextFileSync(target.sslrootcert);
-      if (target.sslcert) options.cert = Deno.readTextFileSync(target.sslcert);
-      if (target.sslkey) options.key = Deno.readTextFileSync(target.sslkey);
-      if (target.sslmode === "verify-full") {
-        options.servername = net.isIP(target.host) ? undefined : target.host;
-      } else {
-        // verify-ca: the chain must be trusted, the host name is not compared.
-        options.checkServerIdentity = () => undefined;
-      }
-      return options;
-    }
+/**
+ * A TLS failure that retrying will not mend: no TLS on the server, a certificate that is
+ * not trusted or not for this host. Its code starts with TLS_, so it is never taken for
+ * a transient fault.
+ */
+export class TlsError extends Error {
+  override name = "TlsError";
+  readonly code: "TLS_UNAVAILABLE" | "TLS_UNTRUSTED" | "TLS_HOST_MISMATCH" | "TLS_FAILED";
+  constructor(code: TlsError["code"], message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.code = code;
   }
 }
 
+/** How connect() talks TLS to one target, decided (and its files read) before any connection. */
+interface TlsPlan {
+  /** never: plain TCP; prefer: TLS when the server offers it; require: TLS or fail. */
+  use: "never" | "prefer" | "require";
+  /** The handshake's options: trust anchors, identity check, client certificate. */
+  options: tls.ConnectionOptions;
+  /** Where trust comes from, for messages: "sslrootcert /etc/meter-sync/ca.pem". */
+  trust: string;
+  /** What to check when the server is not trusted. */
+  trustHint: string;
+}
+
+/** Reads a certificate or key file named by the URL; a problem with it is a config error. */
+async function readTlsFile(target: DbTarget, param: string, path: string): Promise<string> {
+  try {
+    const info = await Deno.stat(path);
+    if (param === "sslkey" && tooOpen(info)) {
+      throw new ConfigError(
+        `${target.source}: sslkey ${path} is open to group or others (mode ${
+          modeOf(info)
+        }); run chmod 600 ${path}`,
+      );
+    }
+    return await Deno.readTextFile(path);
+  } catch (err) {
+    if (err instanceof ConfigError) throw err;
+    throw new ConfigError(`${target.source}: ${param} ${path} ${fileProblem(err)}`, {
+      cause: err,
+    });
+  }
+}
+
+/** "localhost:5432 (--remote-url)": which server, and which setting named it. */
+function serverOf(target: DbTarget): string {
+  const host = net.isIPv6(target.host) ? `[${target.host}]` : target.host;
+  return `${host}:${target.port} (${target.source})`;
+}
+
+/** The certificate's names, as a person would list them: "DNS:localhost, IP Address:10.0.0.5". */
+function certificateNames(cert: tls.PeerCertificate): string {
+  return cert.subjectaltname || (cert.subject?.CN ? `CN=${cert.subject.CN}` : "no name at all");
+}
+
 /**
- * A TCP socket of our own with Nagle's algorithm off: postgres.js never disables it,
- * and the last small message of a COPY then waits ~40 ms for a delayed ACK.
+ * libpq's sslmode semantics on top of node:tls. `require` with an sslrootcert checks the
+ * chain, as libpq does; `verify-full` compares the host name (or IP address) of the URL
+ * with the certificate, also when it is an IP address (node:tls alone would compare an
+ * IP-less handshake against "localhost").
  */
-function openSocket(target: DbTarget): Promise<net.Socket> {
+async function tlsPlan(target: DbTarget): Promise<TlsPlan> {
+  const mode = target.sslmode;
+  if (mode === "disable") return { use: "never", options: {}, trust: "", trustHint: "" };
+  // "system": the default store, which is also what verify-* without sslrootcert uses
+  // (libpq would read ~/.postgresql/root.crt; an agent under systemd has no such home).
+  const caFile = target.sslrootcert === "system" ? undefined : target.sslrootcert;
+  const options: tls.ConnectionOptions = {
+    rejectUnauthorized: mode === "verify-ca" || mode === "verify-full" ||
+      (mode === "require" && caFile !== undefined),
+    // SNI carries host names only.
+    servername: net.isIP(target.host) ? undefined : target.host,
+    checkServerIdentity: (_name, cert) => {
+      if (mode !== "verify-full" || !tls.checkServerIdentity(target.host, cert)) return undefined;
+      return new TlsError(
+        "TLS_HOST_MISMATCH",
+        `TLS: host name mismatch: the certificate of ${serverOf(target)} is for ${
+          certificateNames(cert)
+        }, but the URL connects to ${target.host} (sslmode=verify-full); connect by a name the certificate lists, or reissue it for this name`,
+      );
+    },
+  };
+  if (caFile) options.ca = await readTlsFile(target, "sslrootcert", caFile);
+  if (target.sslcert && target.sslkey) {
+    options.cert = await readTlsFile(target, "sslcert", target.sslcert);
+    options.key = await readTlsFile(target, "sslkey", target.sslkey);
+  }
+  return {
+    use: mode === "prefer" || mode === "allow" ? "prefer" : "require",
+    options,
+    trust: caFile ? `sslrootcert ${caFile}` : "the default CA store",
+    trustHint: caFile
+      ? "check that it holds the CA that signed the server's certificate"
+      : "for a private CA, name its certificate with sslrootcert=/path/to/ca.pem",
+  };
+}
+
+/** OpenSSL's verdicts that mean "this chain does not lead to a CA we trust". */
+const UNTRUSTED = new Set([
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "UNABLE_TO_GET_ISSUER_CERT",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+  "SELF_SIGNED_CERT_IN_CHAIN",
+  "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "CERT_UNTRUSTED",
+  "CERT_SIGNATURE_FAILURE",
+  "CERT_CHAIN_TOO_LONG",
+  "INVALID_CA",
+]);
+
+/** One line for a failed handshake, naming the server, the sslmode and what to check. */
+function handshakeError(err: unknown, target: DbTarget, plan: TlsPlan): Error {
+  if (err instanceof TlsError) return err;
+  const code = String((err as { code?: unknown })?.code ?? "");
+  const reason = err instanceof Error ? err.message.split("\n")[0] : String(err);
+  const server = serverOf(target);
+  if (UNTRUSTED.has(code)) {
+    return new TlsError(
+      "TLS_UNTRUSTED",
+      `TLS: the server certificate of ${server} is not trusted by ${plan.trust} (${reason}, sslmode=${target.sslmode}); ${plan.trustHint}`,
+      { cause: err },
+    );
+  }
+  if (code === "CERT_HAS_EXPIRED" || code === "CERT_NOT_YET_VALID") {
+    return new TlsError(
+      "TLS_UNTRUSTED",
+      `TLS: the server certificate of ${server} is ${
+        code === "CERT_HAS_EXPIRED" ? "expired" : "not valid yet"
+      } (${reason}); renew it on the server, or check this device's clock`,
+      { cause: err },
+    );
+  }
+  if (code.startsWith("ERR_TLS_CERT_ALTNAME")) {
+    return new TlsError("TLS_HOST_MISMATCH", `TLS: ${reason} (sslmode=${target.sslmode})`, {
+      cause: err,
+    });
+  }
+  // A reset or a timeout in the middle of the handshake keeps its code: it may pass.
+  const wrapped = new Error(`TLS: the handshake with ${server} failed: ${reason}`, { cause: err });
+  if (code) Object.assign(wrapped, { code });
+  else return new TlsError("TLS_FAILED", wrapped.message, { cause: err });
+  return wrapped;
+}
+
+/** PostgreSQL's SSLRequest: length 8, code 1234.5679. */
+const SSL_REQUEST = new Uint8Array([0, 0, 0, 8, 4, 210, 22, 47]);
+
+type HostSocket = net.Socket & { host?: string; port?: number };
+
+/**
+ * A TCP socket of our own with Nagle's algorithm off (postgres.js never disables it, and
+ * the last small message of a COPY then waits ~40 ms for a delayed ACK), upgraded to TLS
+ * here rather than by postgres.js: so that TLS failures get a clear message, `require`
+ * refuses a server without TLS (postgres.js would start a handshake anyway), and
+ * resumeSockets() sees the socket postgres.js actually reads from.
+ */
+function openSocket(target: DbTarget, plan: TlsPlan): Promise<HostSocket> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: target.host, port: target.port });
+    let settled = false;
+    let secure: tls.TLSSocket | undefined;
+    const raw = net.connect({ host: target.host, port: target.port });
+    const settle = (err: Error | undefined, socket?: HostSocket) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      raw.removeListener("close", onClose);
+      raw.removeListener("error", onError);
+      secure?.removeListener("error", onHandshakeError);
+      if (err) {
+        // Late errors of sockets we give up on must not become uncaught exceptions.
+        for (const s of [secure, raw]) s?.on("error", () => {}).destroy();
+        return reject(err);
+      }
+      // postgres.js names host and port in its connection errors.
+      socket!.host = target.host;
+      socket!.port = target.port;
+      resolve(socket!);
+    };
     const timer = setTimeout(() => {
-      socket.destroy();
       const err = new Error(
         `connection to ${target.host}:${target.port} timed out after ${target.connectTimeout} s`,
       ) as Error & { code: string };
       err.code = "CONNECT_TIMEOUT";
-      reject(err);
+      settle(err);
     }, target.connectTimeout * 1000);
-    socket.once("connect", () => {
-      clearTimeout(timer);
-      socket.setNoDelay(true);
-      socket.setKeepAlive(true, 30_000);
-      // postgres.js reads the host from the socket for the TLS server name.
-      (socket as net.Socket & { host?: string }).host = target.host;
-      resolve(socket);
-    });
-    socket.once("error", (err) => {
-      clearTimeout(timer);
-      reject(err);
+    const onClose = () => {
+      const err = new Error(
+        `the server ${serverOf(target)} closed the connection during TLS negotiation`,
+      ) as Error & { code: string };
+      err.code = "CONNECTION_CLOSED";
+      settle(err);
+    };
+    const onError = (err: Error) => settle(err);
+    const onHandshakeError = (err: Error) => settle(handshakeError(err, target, plan));
+    raw.on("error", onError);
+    raw.once("close", onClose);
+    raw.once("connect", () => {
+      raw.setNoDelay(true);
+      raw.setKeepAlive(true, 30_000);
+      if (plan.use === "never") return settle(undefined, raw);
+      raw.write(SSL_REQUEST);
+      raw.once("data", (answer: Uint8Array) => {
+        // Exactly one byte: anything after it was sent before the handshake, unencrypted,
+        // and must not be read as coming from the server (CVE-2021-23222).
+        if (answer.length !== 1 || (answer[0] !== 0x53 && answer[0] !== 0x4e)) {
+          return settle(
+            new TlsError(
+              "TLS_FAILED",
+              `TLS: the server ${
+                serverOf(target)
+              } answered the TLS request with unexpected data; is it a PostgreSQL server?`,
+            ),
+          );
+        }
+        if (answer[0] === 0x4e) { // "N": no TLS here
+          if (plan.use === "prefer") return settle(undefined, raw);
+          return settle(
+            new TlsError(
+              "TLS_UNAVAILABLE",
+              `TLS: the server ${
+                serverOf(target)
+              } does not offer TLS, and sslmode=${target.sslmode} requires it; turn ssl on in the server's postgresql.conf`,
+            ),
+          );
+        }
+        const upgraded = tls.connect({ ...plan.options, socket: raw });
+        secure = upgraded;
+        upgraded.on("error", onHandshakeError);
+        upgraded.once("secureConnect", () => {
+          // An error on the TCP socket underneath ends the TLS one, which postgres.js watches.
+          raw.on("error", (err) => upgraded.destroy(err));
+          settle(undefined, upgraded as HostSocket);
+        });
+      });
     });
   });
+}
+
+/**
+ * A socket that fails the way a refused TCP connection does: "error", then "close".
+ * postgres.js handles a rejected socket factory badly: the query fails, but the
+ * connection stays in its connecting state and every later query on the pool waits
+ * forever. Failing through the events it expects puts the connection back in its
+ * closed state, ready for the next attempt.
+ */
+function failedSocket(err: Error, target: DbTarget): HostSocket {
+  const socket = Object.assign(new EventEmitter(), {
+    host: target.host,
+    port: target.port,
+    readyState: "closed",
+    write: () => true,
+    end: () => {},
+    destroy: () => {},
+    setKeepAlive: () => {},
+    pause: () => {},
+    resume: () => {},
+    isPaused: () => false,
+  });
+  // After postgres.js has attached its listeners, which it does right after the factory resolves.
+  setTimeout(() => {
+    socket.emit("error", err);
+    socket.emit("close", true);
+  }, 0);
+  return socket as unknown as HostSocket;
 }
 
 const socketsOf = new WeakMap<Sql, Set<net.Socket>>();
@@ -98,14 +322,62 @@ export function resumeSockets(sql: Sql): void {
   }
 }
 
-/** Resolves the password: from the URL, else from the pgpass file, else none. */
+/** A password and where it came from, for the hint when the server refuses it. */
+interface FoundPassword {
+  password?: string;
+  /** "the URL", "the password file /etc/meter-sync/remote.pw", "no password given (...)". */
+  source: string;
+}
+
+/** Password files already reported as ignored: once per process, not once per cycle. */
+const ignoredFiles = new Set<string>();
+
+async function findPassword(target: DbTarget, options: ConnectOptions): Promise<FoundPassword> {
+  if (target.password !== undefined) {
+    if (options.passwordFile && !ignoredFiles.has(options.passwordFile.path)) {
+      ignoredFiles.add(options.passwordFile.path);
+      options.warn?.(
+        `${options.passwordFile.setting} is ignored for the ${options.passwordFile.side} database: its URL carries a password (remove it from the URL to use the file)`,
+      );
+    }
+    return { password: target.password, source: "the URL" };
+  }
+  if (options.passwordFile) {
+    const { path, setting, side } = options.passwordFile;
+    const password = await readPasswordFile(path, { setting, side });
+    options.onSecret?.(password);
+    return { password, source: `the password file ${path}` };
+  }
+  if (options.pgpassFile) {
+    const password = await readPgpass(options.pgpassFile, target, options.warn);
+    if (password !== undefined) {
+      options.onSecret?.(password);
+      return { password, source: `the pgpass file ${options.pgpassFile}` };
+    }
+  }
+  return {
+    source: `no password given (none in the URL, no password file${
+      options.pgpassFile ? `, no matching line in ${options.pgpassFile}` : ""
+    })`,
+  };
+}
+
+/**
+ * Resolves the password: from the URL, else from the password file, else from the pgpass
+ * file, else none. A password read from a file is handed to `onSecret` for masking.
+ */
 export async function resolvePassword(
   target: DbTarget,
   options: ConnectOptions = {},
 ): Promise<string | undefined> {
-  if (target.password !== undefined) return target.password;
-  if (!options.pgpassFile) return undefined;
-  return await readPgpass(options.pgpassFile, target, options.warn);
+  return (await findPassword(target, options)).password;
+}
+
+const passwordSources = new WeakMap<Sql, string>();
+
+/** Where the pool's password came from: "the URL", "the password file /path", ... */
+export function passwordSourceOf(sql: Sql): string | undefined {
+  return passwordSources.get(sql);
 }
 
 let guarded = false;
@@ -132,10 +404,15 @@ function guardDriverBug(): void {
   });
 }
 
-/** A postgres.js pool for the target. Connections open lazily, on the first query. */
+/**
+ * A postgres.js pool for the target. Connections open lazily, on the first query; the
+ * password and certificate files are read now, so that a problem with them is a
+ * ConfigError before anything is sent.
+ */
 export async function connect(target: DbTarget, options: ConnectOptions = {}): Promise<Sql> {
   guardDriverBug();
-  const password = await resolvePassword(target, options);
+  const { password, source } = await findPassword(target, options);
+  const plan = await tlsPlan(target);
   const sockets = new Set<net.Socket>();
   const sql = postgres({
     host: target.host,
@@ -143,7 +420,8 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
     user: target.user,
     pass: password ?? "",
     database: target.database,
-    ssl: sslOption(target),
+    // TLS is negotiated by openSocket(); postgres.js sees a ready socket either way.
+    ssl: false,
     max: options.max ?? 1,
     connect_timeout: target.connectTimeout,
     idle_timeout: 0,
@@ -165,7 +443,12 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
       target_session_attrs: null,
       max_pipeline: 100,
       socket: async () => {
-        const socket = await openSocket(target);
+        let socket: HostSocket;
+        try {
+          socket = await openSocket(target, plan);
+        } catch (err) {
+          return failedSocket(err instanceof Error ? err : new Error(String(err)), target);
+        }
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
         return socket;
@@ -173,6 +456,7 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
     } as Record<string, unknown>),
   });
   socketsOf.set(sql, sockets);
+  passwordSources.set(sql, source);
   return sql;
 }
 

@@ -15,9 +15,13 @@ export interface DbTarget {
   /** From the URL; when absent, looked up in the pgpass file at connect time. */
   password?: string;
   database: string;
+  /** libpq's sslmode; `allow` behaves as `prefer` (TLS when the server offers it). */
   sslmode: SslMode;
+  /** CA certificates (PEM) the server's certificate must chain to, or "system": the default store. */
   sslrootcert?: string;
+  /** Client certificate (PEM), sent when the server asks for one; always with sslkey. */
   sslcert?: string;
+  /** The client certificate's private key (PEM, unencrypted, mode 0600). */
   sslkey?: string;
   /** Seconds. @default 10 */
   connectTimeout: number;
@@ -89,10 +93,28 @@ export function parseDatabaseUrl(url: string, source: string): DbTarget {
     throw new ConfigError(`${source} names no database (${shown}); expected ${example}`);
   }
   const password = param("password") ?? (u.password ? decode(u.password) : undefined);
-  const sslmode = (param("sslmode") ?? "prefer") as SslMode;
+  const sslrootcert = param("sslrootcert") || undefined;
+  // As in libpq 16: sslrootcert=system means the default CA store, and only makes sense
+  // with the host name checked too, so it implies verify-full and refuses anything weaker.
+  const sslmode =
+    (param("sslmode") ?? (sslrootcert === "system" ? "verify-full" : "prefer")) as SslMode;
   if (!SSL_MODES.includes(sslmode)) {
     throw new ConfigError(
       `${source} has sslmode=${sslmode}; use one of ${SSL_MODES.join(", ")}`,
+    );
+  }
+  if (sslrootcert === "system" && sslmode !== "verify-full") {
+    throw new ConfigError(
+      `${source} has sslrootcert=system with sslmode=${sslmode}; the system CA store is only safe with sslmode=verify-full`,
+    );
+  }
+  const sslcert = param("sslcert") || undefined;
+  const sslkey = param("sslkey") || undefined;
+  if ((sslcert === undefined) !== (sslkey === undefined)) {
+    throw new ConfigError(
+      `${source} has ${
+        sslcert ? "sslcert without sslkey" : "sslkey without sslcert"
+      }; a client certificate needs both`,
     );
   }
   const timeoutText = param("connect_timeout") ?? "10";
@@ -110,9 +132,9 @@ export function parseDatabaseUrl(url: string, source: string): DbTarget {
     password,
     database,
     sslmode,
-    sslrootcert: param("sslrootcert"),
-    sslcert: param("sslcert"),
-    sslkey: param("sslkey"),
+    sslrootcert,
+    sslcert,
+    sslkey,
     connectTimeout,
     applicationName: param("application_name") ?? "meter-sync",
     display: shown,

@@ -1,4 +1,5 @@
 /** Looks a password up in a libpq password file (PGPASSFILE or ~/.pgpass). */
+import { fileProblem } from "./password_file.ts";
 
 /** What a pgpass line is matched against. */
 export interface PgpassKey {
@@ -56,9 +57,20 @@ export async function readPgpass(
   } catch {
     return undefined;
   }
+  if (!info.isFile) {
+    warn(`password file ${path} is not a plain file; it is ignored`);
+    return undefined;
+  }
   if (info.mode !== null && (info.mode & 0o077) !== 0) {
     warn(`password file ${path} has group or world access; permissions should be 0600 or less`);
     return undefined;
   }
-  return findPassword(await Deno.readTextFile(path), key);
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (err) {
+    warn(`password file ${path} ${fileProblem(err)}; it is ignored`);
+    return undefined;
+  }
+  return findPassword(text, key);
 }

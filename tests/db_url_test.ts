@@ -185,3 +185,32 @@ Deno.test("parseDatabaseUrl() names the flag it was given as source", () => {
   const err = rejection(`http://meter:${RAW_PW}@h/db`, "--remote-url");
   assert.match(err.message, /^--remote-url /);
 });
+
+Deno.test("parseDatabaseUrl() reads sslrootcert=system as the default CA store with verify-full, as libpq 16 does", () => {
+  const t = parseDatabaseUrl("postgres://u@h/db?sslrootcert=system", "X");
+  assert.equal(t.sslmode, "verify-full");
+  assert.equal(t.sslrootcert, "system");
+  const err = rejection(`postgres://meter:${RAW_PW}@h/db?sslrootcert=system&sslmode=require`);
+  assert.match(err.message, /sslrootcert=system with sslmode=require/);
+  assert.match(err.message, /verify-full/);
+});
+
+Deno.test("parseDatabaseUrl() wants sslcert and sslkey together", () => {
+  assert.match(
+    rejection(`postgres://meter:${RAW_PW}@h/db?sslcert=/etc/c.pem`).message,
+    /sslcert without sslkey/,
+  );
+  assert.match(
+    rejection(`postgres://meter:${RAW_PW}@h/db?sslkey=/etc/k.pem`).message,
+    /sslkey without sslcert/,
+  );
+});
+
+Deno.test("parseDatabaseUrl() treats an empty sslrootcert, sslcert or sslkey as not given", () => {
+  const t = parseDatabaseUrl(
+    "postgres://u@h/db?sslmode=require&sslrootcert=&sslcert=&sslkey=",
+    "X",
+  );
+  assert.deepEqual([t.sslrootcert, t.sslcert, t.sslkey], [undefined, undefined, undefined]);
+  assert.equal(t.sslmode, "require");
+});

@@ -118,3 +118,14 @@ Deno.test("readPgpass() returns undefined when no line of a 0600 file matches", 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("readPgpass() ignores a directory in place of the file, with a warning naming it", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "pgpass-test-" });
+  try {
+    const warnings: string[] = [];
+    assert.equal(await readPgpass(dir, KEY, (m) => warnings.push(m)), undefined);
+    assert.deepEqual(warnings, [`password file ${dir} is not a plain file; it is ignored`]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
