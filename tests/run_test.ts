@@ -62,6 +62,11 @@ Deno.test("run --every 1s delivers every reading a steady poller inserts, exactl
   }, 20_000);
   const health = await get(port, "/healthz");
   assert.equal(health.status, 200, health.body);
+  const status = JSON.parse((await get(port, "/status")).body);
+  assert.equal(status.queue_size, 0);
+  assert.equal(status.stale, false);
+  assert.equal(status.remote.reachable, true);
+  assert.equal(status.remote.agent.agent_id, "gw-0042");
   const metrics = await get(port, "/metrics");
   const uploaded = Number(/^meter_sync_rows_uploaded_total (\d+)$/m.exec(metrics.body)?.[1]);
   assert.equal(uploaded, inserted, "the counter matches the rows moved");

@@ -16,6 +16,7 @@ import { Agent, tickEvery } from "../scheduler.ts";
 import { readStatus } from "../status.ts";
 import { VERSION } from "../version.ts";
 import type { CommandContext } from "./context.ts";
+import { collectStatus } from "./status.ts";
 import { type CycleReport, runCycle } from "./sync.ts";
 
 const log = getLogger(["meter-sync", "run"]);
@@ -213,11 +214,7 @@ export async function runCommand(config: Config, ctx: CommandContext): Promise<n
         });
         return { status: health.status, body: { ok: health.ok, reasons: health.reasons } };
       },
-      status: () =>
-        withDatabases(
-          { ...config, remote: undefined },
-          ({ local }) => readStatus(local!, config.table, { staleAfterMs: config.staleAfterMs }),
-        ),
+      status: () => collectStatus(config, ctx.clock.now()),
       onListen: (addr) =>
         log.info("serving /metrics, /healthz and /status on http://{host}:{port}", {
           host: addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname,

@@ -10,8 +10,9 @@ import { CycleError, describeError, SchemaError } from "../errors.ts";
 import { download } from "../download.ts";
 import type { Sql } from "../db.ts";
 import { recordHeartbeat } from "../heartbeat.ts";
+import { createProgress, type Progress, shouldShowProgress } from "../progress.ts";
 import { recordRun } from "../runs.ts";
-import { readStatus, type StatusReport } from "../status.ts";
+import { queueSize, readStatus, type StatusReport } from "../status.ts";
 import { upload, type UploadOptions, type UploadResult } from "../upload.ts";
 import { VERSION } from "../version.ts";
 import type { CommandContext } from "./context.ts";
@@ -26,6 +27,8 @@ export interface CycleHooks {
   onBacklog?: (rows: number) => void;
   /** Whether onBacklog is wanted (it costs a count of the queue). */
   wantsBacklog?: boolean;
+  /** Called when the upload ends, done or not, before anything else is logged. */
+  onUploadEnd?: () => void;
 }
 
 /** What one cycle did. */
@@ -66,10 +69,6 @@ export async function downloadTables(config: Config, local: Sql, remote: Sql): P
   }
 }
 
-async function countQueue(sql: Sql, table: string): Promise<number> {
-  return (await readStatus(sql, table)).queue_size;
-}
-
 /**
  * Runs one cycle and never throws: a failure is reported in the result, with the
  * history, heartbeat and queue figures written as far as the databases allow.
@@ -81,27 +80,36 @@ export async function runCycle(
 ): Promise<CycleReport> {
   const startedAt = new Date(ctx.clock.now());
   let result: UploadResult | null = null;
+  // What committed before a failure still counts in the history.
+  let partial: UploadResult = EMPTY;
   let downloaded = 0;
   let error: unknown;
   try {
     // No ping first: a database that does not answer yet is a transient fault, retried.
     await withPools(config, async (pools) => {
       if (hooks.wantsBacklog && hooks.onBacklog) {
-        hooks.onBacklog(await countQueue(pools.local.sql, config.table));
+        hooks.onBacklog(await queueSize(pools.local.sql, config.table));
       }
-      result = await upload({
-        ...pools,
-        clock: ctx.clock,
-        random: ctx.random,
-        signal: ctx.signal,
-      }, {
-        table: config.table,
-        batchSize: config.batchSize,
-        maxBatches: config.maxBatches,
-        maxRetries: config.maxRetries,
-        onBatch: hooks.onBatch,
-        onRetry: hooks.onRetry,
-      });
+      try {
+        result = await upload({
+          ...pools,
+          clock: ctx.clock,
+          random: ctx.random,
+          signal: ctx.signal,
+        }, {
+          table: config.table,
+          batchSize: config.batchSize,
+          maxBatches: config.maxBatches,
+          maxRetries: config.maxRetries,
+          onBatch: (progress, batch) => {
+            partial = progress;
+            hooks.onBatch?.(progress, batch);
+          },
+          onRetry: hooks.onRetry,
+        });
+      } finally {
+        hooks.onUploadEnd?.();
+      }
       // The reference data down after the upload; not after a stop signal.
       if (config.command !== "upload" && !result.stopped && !ctx.signal.aborted) {
         downloaded = await downloadTables(config, pools.local.sql, pools.remote.sql);
@@ -112,7 +120,7 @@ export async function runCycle(
   }
   const finishedAt = new Date(ctx.clock.now());
   const outcome = error === undefined ? "ok" : "failed";
-  const up: UploadResult = result ?? EMPTY;
+  const up: UploadResult = result ?? partial;
   const message = error === undefined ? null : describeError(error);
 
   // Bookkeeping, best effort: when a database is what failed, there is nowhere to write.
@@ -201,7 +209,28 @@ export async function runCycle(
 
 /** `sync` and `upload`: one cycle; a failure becomes the exit code (main.ts reports it). */
 export async function syncCommand(config: Config, ctx: CommandContext): Promise<number> {
-  const report = await runCycle(config, ctx);
+  // On a terminal, a long drain shows a progress bar on stderr (ctx.progress is set only then).
+  let bar: Progress | undefined;
+  const terminal = ctx.progress;
+  const hooks: CycleHooks = terminal
+    ? {
+      wantsBacklog: true,
+      onBacklog: (backlog) => {
+        if (shouldShowProgress({ isTerminal: true, logFormat: config.logFormat, backlog })) {
+          bar = createProgress({
+            total: backlog,
+            write: terminal.write,
+            now: () => ctx.clock.now(),
+            columns: terminal.columns,
+          });
+          bar.update(0);
+        }
+      },
+      onBatch: (progress) => bar?.update(progress.deleted + progress.quarantined),
+      onUploadEnd: () => bar?.finish(),
+    }
+    : {};
+  const report = await runCycle(config, ctx, hooks);
   if (report.error !== undefined) throw report.error;
   return 0;
 }
