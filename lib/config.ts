@@ -676,7 +676,8 @@ export function helpText(command?: CommandName): string {
       "Common flags:",
       ...flagLines(COMMON_FLAGS),
       "",
-      "Passwords may also come from PGPASSFILE or ~/.pgpass (mode 0600).",
+      "Passwords: in the URL, --password-file/--local-password-file (mode 0600, or 0640 owned",
+      "by root), or PGPASSFILE/~/.pgpass (mode 0600).",
     ].join("\n");
   }
   return [
