@@ -1,5 +1,6 @@
 /** `run`, the agent, as an operator runs it: main.ts with the compile flags against real PostgreSQL. */
 import assert from "node:assert/strict";
+import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { freePort } from "../lib/embedded.ts";
 import { seedReadings } from "../lib/seed.ts";
 import { agentCopying, finish, slowRemoteCopies, spawnCli, waitFor } from "./_agent.ts";
@@ -67,9 +68,30 @@ Deno.test("run --every 1s delivers every reading a steady poller inserts, exactl
   assert.equal(status.stale, false);
   assert.equal(status.remote.reachable, true);
   assert.equal(status.remote.agent.agent_id, "gw-0042");
-  const metrics = await get(port, "/metrics");
-  const uploaded = Number(/^meter_sync_rows_uploaded_total (\d+)$/m.exec(metrics.body)?.[1]);
-  assert.equal(uploaded, inserted, "the counter matches the rows moved");
+  // The live scrape, read by an independent parser (the package is CommonJS, untyped).
+  const parse = parsePrometheusTextFormat as unknown as (text: string) => {
+    name: string;
+    type: string;
+    metrics: { value?: string; labels?: Record<string, string>; count?: string }[];
+  }[];
+  const families = new Map(parse((await get(port, "/metrics")).body).map((f) => [f.name, f]));
+  const value = (name: string) => Number(families.get(name)?.metrics[0].value);
+  assert.equal(
+    value("meter_sync_rows_uploaded_total"),
+    inserted,
+    "the counter matches the rows moved",
+  );
+  assert.equal(families.get("meter_sync_rows_uploaded_total")?.type, "COUNTER");
+  assert.equal(value("meter_sync_queue_size"), 0);
+  assert.ok(value("meter_sync_rows_downloaded_total") >= 1, "the meters came down");
+  const ok = families.get("meter_sync_cycles_total")?.metrics.find((m) =>
+    m.labels?.outcome === "ok"
+  );
+  assert.ok(Number(ok?.value) >= 3);
+  const batches = families.get("meter_sync_batch_duration_seconds");
+  assert.equal(batches?.type, "HISTOGRAM");
+  assert.ok(Number(batches?.metrics[0].count) >= Math.ceil(inserted / 40));
+  assert.ok(value("meter_sync_last_success_timestamp_seconds") > Date.now() / 1000 - 60);
   agent.kill("SIGTERM");
   const r = await finish(agent);
   assert.equal(r.code, 0, r.stderr);
