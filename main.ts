@@ -16,7 +16,7 @@ import {
   helpText,
   parseInvocation,
 } from "./lib/config.ts";
-import { ConfigError, CycleError, describeError, ExitCode, SchemaError } from "./lib/errors.ts";
+import { ConfigError, ExitCode, exitCodeOf, failureLine } from "./lib/errors.ts";
 import { setupLogging } from "./lib/log.ts";
 import { redactText } from "./lib/redact.ts";
 import { VERSION } from "./lib/version.ts";
@@ -157,17 +157,11 @@ async function main(): Promise<number> {
       for (const [s, h] of handlers) Deno.removeSignalListener(s, h);
     }
   } catch (err) {
-    const line = redactText(describeError(err), secrets);
-    if (err instanceof ConfigError) {
-      report(line);
-      return ExitCode.usage;
-    }
-    if (err instanceof SchemaError) {
-      report(line);
-      return ExitCode.schema;
-    }
-    report(err instanceof CycleError ? line : `failed: ${line}`);
-    return ExitCode.cycleFailed;
+    // 2 for a setting to fix (also a read-only database or a missing privilege met
+    // mid-cycle, however deep in the cause chain), 3 for a schema mismatch or a missing
+    // table, 1 for a failed cycle.
+    report(redactText(failureLine(err), secrets));
+    return exitCodeOf(err);
   }
 }
 

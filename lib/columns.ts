@@ -17,6 +17,24 @@ export interface Column {
   builtin: boolean;
 }
 
+/** What the connected user may do with a table, and whether the database takes writes at all. */
+export interface TableAccess {
+  database: string;
+  user: string;
+  /**
+   * New transactions are read-only: default_transaction_read_only is on (for the
+   * database, the user or the server), or the server is a standby.
+   */
+  readOnly: boolean;
+  /** The server is a standby (in recovery): only the primary takes writes. */
+  standby: boolean;
+  /** Table privileges (SELECT, INSERT and UPDATE on any column count). */
+  select: boolean;
+  insert: boolean;
+  update: boolean;
+  delete: boolean;
+}
+
 /** A table as meter-sync needs to know it. */
 export interface TableInfo {
   /** The name as given, resolved through the search_path. */
@@ -27,6 +45,8 @@ export interface TableInfo {
   primaryKey: string[];
   /** Single-column unique indexes or constraints (the primary key included). */
   uniqueColumns: string[];
+  /** Read with the table, so that a read-only database is named before a batch is sent. */
+  access: TableAccess;
 }
 
 /**
@@ -34,8 +54,28 @@ export interface TableInfo {
  * `name` is a plain table name, matched exactly (capitals, spaces and quotes included).
  */
 export async function readTable(sql: Sql, name: string): Promise<TableInfo | undefined> {
-  const found = await sql<{ oid: string; schema: string }[]>`
-    SELECT c.oid::text AS oid, n.nspname AS schema
+  const found = await sql<
+    {
+      oid: string;
+      schema: string;
+      database: string;
+      user: string;
+      default_read_only: boolean;
+      standby: boolean;
+      can_select: boolean;
+      can_insert: boolean;
+      can_update: boolean;
+      can_delete: boolean;
+    }[]
+  >`
+    SELECT c.oid::text AS oid, n.nspname AS schema,
+           current_database() AS database, current_user AS "user",
+           current_setting('default_transaction_read_only') = 'on' AS default_read_only,
+           pg_is_in_recovery() AS standby,
+           has_any_column_privilege(c.oid, 'SELECT') AS can_select,
+           has_any_column_privilege(c.oid, 'INSERT') AS can_insert,
+           has_any_column_privilege(c.oid, 'UPDATE') AS can_update,
+           has_table_privilege(c.oid, 'DELETE') AS can_delete
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relname = ${name}
@@ -44,7 +84,8 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
      ORDER BY array_position(current_schemas(false), n.nspname)
      LIMIT 1`;
   if (found.length === 0) return undefined;
-  const oid = found[0].oid;
+  const t = found[0];
+  const oid = t.oid;
   const cols = await sql<
     {
       name: string;
@@ -85,7 +126,7 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
   ];
   return {
     name,
-    schema: found[0].schema,
+    schema: t.schema,
     columns: cols.map((c) => ({
       name: c.name,
       type: c.type,
@@ -96,6 +137,18 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
     })),
     primaryKey: pkRows.map((r) => r.name),
     uniqueColumns,
+    access: {
+      database: t.database,
+      user: t.user,
+      // default_transaction_read_only, not transaction_read_only: the caller may be inside
+      // a read-only transaction of its own on a database that takes writes.
+      readOnly: t.default_read_only || t.standby,
+      standby: t.standby,
+      select: t.can_select,
+      insert: t.can_insert,
+      update: t.can_update,
+      delete: t.can_delete,
+    },
   };
 }
 

@@ -3,7 +3,7 @@ import { parseArgs } from "node:util";
 import { type DbTarget, parseDatabaseUrl } from "./db_url.ts";
 import { parseDuration } from "./duration.ts";
 import { ConfigError } from "./errors.ts";
-import { secretsOf } from "./redact.ts";
+import { redactText, secretsOf } from "./redact.ts";
 
 /** The commands of SPEC §3. */
 export const COMMANDS = [
@@ -432,7 +432,25 @@ const HOUR = 3_600_000;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** Reads the command line: the command, its flags, the environment, the defaults. */
-export function parseInvocation({ args, env }: Invocation): Parsed {
+export function parseInvocation(invocation: Invocation): Parsed {
+  try {
+    return parse(invocation);
+  } catch (err) {
+    // A URL in the wrong place (after "--", as another flag's value, as the command) or
+    // a malformed one is echoed by the message that rejects it: mask its password there.
+    if (!(err instanceof ConfigError)) throw err;
+    const values = [...invocation.args, ...Object.values(invocation.env)].flatMap((v) =>
+      v === undefined
+        ? []
+        : v.startsWith("-") && v.includes("=")
+        ? [v, v.slice(v.indexOf("=") + 1)]
+        : [v]
+    );
+    throw new ConfigError(redactText(err.message, secretsOf(values)), { cause: err.cause });
+  }
+}
+
+function parse({ args, env }: Invocation): Parsed {
   const [first, ...rest] = args;
   if (first === undefined || first === "--help" || first === "-h" || first === "help") {
     const topic = rest[0];

@@ -1,10 +1,25 @@
 /** The few typed errors of meter-sync, and how a PostgreSQL error is classified. */
 
+// deno-lint-ignore no-control-regex
+const CONTROL = /[\u0000-\u001f\u007f]/g;
+
+/**
+ * A message as one clean line: a value echoed from the command line or a URL may hold a
+ * newline (a second line), a carriage return or an escape sequence (a terminal rewriting
+ * what was printed). Those are shown escaped, as JSON shows them (and DEL too).
+ */
+export function oneLine(message: string): string {
+  return message.replace(
+    CONTROL,
+    (c) => c === "\u007f" ? "\\u007f" : JSON.stringify(c).slice(1, -1),
+  );
+}
+
 /** Bad flags, environment or URL: exit 2 with one line saying what and how to fix it. */
 export class ConfigError extends Error {
   override name = "ConfigError";
   constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
+    super(oneLine(message), options);
   }
 }
 
@@ -12,7 +27,7 @@ export class ConfigError extends Error {
 export class SchemaError extends Error {
   override name = "SchemaError";
   constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
+    super(oneLine(message), options);
   }
 }
 
@@ -20,7 +35,7 @@ export class SchemaError extends Error {
 export class CycleError extends Error {
   override name = "CycleError";
   constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
+    super(oneLine(message), options);
   }
 }
 
@@ -81,6 +96,8 @@ export function classifyError(err: unknown): ErrorKind {
   if (err && typeof err === "object") {
     const code = (err as { code?: unknown }).code;
     if (typeof code === "string" && transientCodes.has(code)) return "transient";
+    // A TLS refusal (untrusted certificate, wrong host, no TLS offered) never heals by retrying.
+    if (typeof code === "string" && code.startsWith("TLS_")) return "permanent";
     const name = (err as { name?: unknown }).name;
     if (name === "ConnectionRefused" || name === "ConnectionReset" || name === "TimedOut") {
       return "transient";
@@ -101,4 +118,77 @@ export function describeError(err: unknown): string {
   const state = sqlState(err);
   const message = err.message.split("\n")[0];
   return state ? `${message} (SQLSTATE ${state})` : message;
+}
+
+/**
+ * PostgreSQL errors that no retry cures and no schema change either: a setting of the
+ * database or of the connection must change. Each maps to the fix, said in one clause.
+ */
+const SETTING_FIXES: Record<string, string> = {
+  // read_only_sql_transaction: default_transaction_read_only is on, or the server is a standby.
+  "25006":
+    "the database is read-only (default_transaction_read_only, or a standby): run ALTER DATABASE ... SET default_transaction_read_only = off, or point the URL at the writable primary",
+  // insufficient_privilege
+  "42501":
+    "the database user lacks a privilege: GRANT it (see scripts/roles_local.sql and scripts/roles_remote.sql), or connect as a user that has it",
+};
+
+/**
+ * A table that meter-sync's own queries need is missing (undefined_table): the database
+ * was not migrated, or a table was dropped. Exit 3, with the fix.
+ */
+const MISSING_TABLE_FIX =
+  "a table meter-sync needs is missing: run meter-sync migrate --target local (or remote)";
+
+/** The error and the errors it was caused by, outermost first (at most 8 deep). */
+function causes(err: unknown): unknown[] {
+  const chain: unknown[] = [];
+  for (let e = err; e !== undefined && e !== null && chain.length < 8; e = (e as Error).cause) {
+    chain.push(e);
+    if (typeof e !== "object") break;
+  }
+  return chain;
+}
+
+/**
+ * How to fix an error that a setting causes (a read-only database, a missing privilege),
+ * looked for along the `cause` chain; undefined for any other error.
+ */
+export function settingFix(err: unknown): string | undefined {
+  for (const e of causes(err)) {
+    const fix = SETTING_FIXES[sqlState(e) ?? ""];
+    if (fix) return fix;
+  }
+  return undefined;
+}
+
+/** Whether a table meter-sync's queries need is missing, along the `cause` chain. */
+function missingTable(err: unknown): boolean {
+  return causes(err).some((e) => sqlState(e) === "42P01");
+}
+
+/**
+ * The exit code of SPEC §3 for the error that ended a command: 2 for a setting to fix (a
+ * ConfigError, or a database error that only a setting cures, however it was wrapped),
+ * 3 for a schema mismatch (a SchemaError, or a table missing), 1 for a failed cycle.
+ */
+export function exitCodeOf(err: unknown): number {
+  const chain = causes(err);
+  if (chain.some((e) => e instanceof ConfigError)) return ExitCode.usage;
+  if (chain.some((e) => e instanceof SchemaError)) return ExitCode.schema;
+  if (settingFix(err)) return ExitCode.usage;
+  if (missingTable(err)) return ExitCode.schema;
+  return ExitCode.cycleFailed;
+}
+
+/**
+ * The one line printed for the error that ended a command: what went wrong and, when a
+ * setting causes it, how to fix it. Never a stack; passwords are main.ts's to mask.
+ */
+export function failureLine(err: unknown): string {
+  const line = describeError(err);
+  if (err instanceof ConfigError || err instanceof SchemaError) return line;
+  const fix = settingFix(err) ?? (missingTable(err) ? MISSING_TABLE_FIX : undefined);
+  if (fix) return `${line}; ${fix}`;
+  return err instanceof CycleError ? line : `failed: ${line}`;
 }

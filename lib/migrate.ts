@@ -1,7 +1,8 @@
 /** Applies the numbered SQL files of migrations/local or migrations/remote, once each, in order. */
 import { getLogger } from "@logtape/logtape";
 import type { Sql } from "./db.ts";
-import { ConfigError } from "./errors.ts";
+import { quoteIdent } from "./columns.ts";
+import { ConfigError, describeError, sqlState } from "./errors.ts";
 
 const log = getLogger(["meter-sync", "migrate"]);
 
@@ -49,13 +50,60 @@ export async function loadMigrations(dir: URL): Promise<Migration[]> {
   return out;
 }
 
+/** Refuses, saying how to fix it, a database that takes no writes: nothing can be applied. */
+async function assertWritable(conn: Sql): Promise<void> {
+  const [s] = await conn<
+    { database: string; user: string; read_only: boolean; standby: boolean }[]
+  >`
+    SELECT current_database() AS database, current_user AS "user",
+           current_setting('default_transaction_read_only') = 'on' AS read_only,
+           pg_is_in_recovery() AS standby`;
+  const db = `database "${s.database}"`;
+  if (s.standby) {
+    throw new ConfigError(
+      `cannot migrate: ${db} is a read-only standby (in recovery); point the URL at the primary`,
+    );
+  }
+  if (s.read_only) {
+    throw new ConfigError(
+      `cannot migrate: ${db} is read-only (default_transaction_read_only is on); run ALTER DATABASE ${
+        quoteIdent(s.database)
+      } SET default_transaction_read_only = off (or reset it for user "${s.user}"), or point the URL at a writable database`,
+    );
+  }
+}
+
+/** A failure a setting causes, as a ConfigError that says which; any other error as it is. */
+function migrationError(err: unknown, what: string): unknown {
+  const state = sqlState(err);
+  if (state === "42501") {
+    return new ConfigError(
+      `${what}: ${
+        describeError(err)
+      }; migrations create and alter tables: run migrate as the owner of the tables (or a superuser), not as the agent's role`,
+      { cause: err },
+    );
+  }
+  if (state === "25006") {
+    return new ConfigError(
+      `${what}: ${
+        describeError(err)
+      }; the database turned read-only (default_transaction_read_only, or a standby): make it writable or point the URL at the primary`,
+      { cause: err },
+    );
+  }
+  return err;
+}
+
 /**
  * Applies the pending migrations, each in its own transaction, under an advisory lock.
- * Refuses to go on if a file that was applied has changed since.
+ * Refuses to go on if a file that was applied has changed since, and refuses a database
+ * that takes no writes or a user that may not create tables, saying how to fix it.
  */
 export async function migrate(sql: Sql, migrations: Migration[]): Promise<MigrateResult> {
   const conn = await sql.reserve();
   try {
+    await assertWritable(conn);
     await conn`SELECT pg_advisory_lock(${LOCK_KEY})`;
     try {
       await conn.unsafe(
@@ -64,7 +112,9 @@ export async function migrate(sql: Sql, migrations: Migration[]): Promise<Migrat
            checksum text NOT NULL,
            applied_at timestamptz NOT NULL DEFAULT now()
          )`,
-      );
+      ).catch((err) => {
+        throw migrationError(err, `cannot create ${HISTORY}`);
+      });
       const rows = await conn<{ name: string; checksum: string }[]>`
         SELECT name, checksum FROM ${conn(HISTORY)}`;
       const done = new Map(rows.map((r) => [r.name, r.checksum]));
@@ -89,7 +139,7 @@ export async function migrate(sql: Sql, migrations: Migration[]): Promise<Migrat
           await conn.unsafe("COMMIT");
         } catch (err) {
           await conn.unsafe("ROLLBACK").catch(() => {});
-          throw err;
+          throw migrationError(err, `migration ${m.name} failed, nothing of it applied`);
         }
         applied.push(m.name);
         log.info("applied {name} in {ms} ms", {

@@ -1,5 +1,6 @@
 /** Compares the local and remote readings tables: which columns travel, and what blocks the upload. */
-import type { Column, TableInfo } from "./columns.ts";
+import { type Column, quoteIdent, type TableInfo } from "./columns.ts";
+import { ConfigError } from "./errors.ts";
 
 /** The local-only column that marks a reading as synchronized; it never travels. */
 export const SYNC_FLAG = "is_synchronized";
@@ -90,7 +91,12 @@ function typeChange(local: string, remote: string): { ok: boolean; problem: stri
  * The upload uses the columns both sides have, minus the sync flag. A local column
  * absent on the remote blocks it (its data would be lost), and so does a remote NOT
  * NULL column without default that the local side lacks, a type that could change a
- * value, and a remote without a unique key on id (a replayed batch could not be detected).
+ * value, a remote without a unique key on id (a replayed batch could not be detected)
+ * and a local one without (two readings with one id would arrive as one).
+ *
+ * When the schemas would do, throws a ConfigError if a side cannot take the upload's
+ * writes: a read-only database, or a user without the privileges. No schema change
+ * fixes those, and no retry: a setting must change (exit 2).
  */
 export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
   const issues: SchemaIssue[] = [];
@@ -162,6 +168,15 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
       });
     }
   }
+  if (localByName.has(key) && !local.uniqueColumns.includes(key)) {
+    issues.push({
+      column: key,
+      blocking: true,
+      local: localByName.get(key)?.type,
+      problem:
+        "no primary key or unique index on id on the gateway: two readings with one id would arrive centrally as one",
+    });
+  }
   if (!remote.uniqueColumns.includes(key)) {
     issues.push({
       column: key,
@@ -174,7 +189,51 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
   // The key travels first, so that a batch's ids can be read off its COPY lines.
   columns.sort((a, b) => (a.name === key ? -1 : b.name === key ? 1 : 0));
   const binary = travelsInBinary(columns, remoteByName);
-  return { columns, key, issues, ok: issues.every((i) => !i.blocking), binary };
+  const ok = issues.every((i) => !i.blocking);
+  if (ok) {
+    assertWritable("remote", remote, ["INSERT"]);
+    // FOR UPDATE needs UPDATE on some column; the delivered readings are deleted.
+    assertWritable("local", local, ["SELECT", "UPDATE", "DELETE"]);
+  }
+  return { columns, key, issues, ok, binary };
+}
+
+/** Throws a ConfigError saying how to fix it when a side cannot take the upload's writes. */
+function assertWritable(
+  side: "local" | "remote",
+  table: TableInfo,
+  needs: ("SELECT" | "INSERT" | "UPDATE" | "DELETE")[],
+): void {
+  const { access } = table;
+  const db = `the ${side} database "${access.database}"`;
+  const url = side === "local" ? "LOCAL_DATABASE_URL" : "REMOTE_DATABASE_URL";
+  const stays = "every reading stays in the local queue";
+  if (access.standby) {
+    throw new ConfigError(
+      `${db} is a read-only standby (in recovery): point ${url} at the primary; ${stays}`,
+    );
+  }
+  if (access.readOnly) {
+    throw new ConfigError(
+      `${db} is read-only (default_transaction_read_only is on): run ALTER DATABASE ${
+        quoteIdent(access.database)
+      } SET default_transaction_read_only = off (or reset it for user "${access.user}"), or point ${url} at a writable database; ${stays}`,
+    );
+  }
+  const has = {
+    SELECT: access.select,
+    INSERT: access.insert,
+    UPDATE: access.update,
+    DELETE: access.delete,
+  };
+  const missing = needs.filter((p) => !has[p]);
+  if (missing.length) {
+    throw new ConfigError(
+      `${db}: user "${access.user}" lacks ${missing.join(", ")} on ${
+        quoteIdent(table.name)
+      }: as the table owner, run psql -v agent_role=${access.user} -f scripts/roles_${side}.sql (it grants what the agent needs), or connect as a user that has it; ${stays}`,
+    );
+  }
 }
 
 /**

@@ -141,9 +141,13 @@ export async function runCycle(
     });
     status = await readStatus(local!, config.table);
   }).catch((err) => {
-    log.warn("could not record the cycle in the local history: {error}", {
-      error: describeError(err),
-    });
+    // After a failed cycle the cause is reported once, by the caller; a local database
+    // that is missing its tables or read-only fails here too, and saying so again would
+    // make a second line for one fault.
+    const said = { error: describeError(err) };
+    if (outcome === "failed") {
+      log.debug("could not record the cycle in the local history: {error}", said);
+    } else log.warn("could not record the cycle in the local history: {error}", said);
   });
   const queue = status as StatusReport | null;
   if (config.agentId && config.remote) {
