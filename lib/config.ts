@@ -138,6 +138,13 @@ const STALE_AFTER: FlagSpec = {
   env: "METER_SYNC_STALE_AFTER",
   help: "unhealthy when the last successful cycle is older than this",
 };
+const PARALLEL: FlagSpec = {
+  type: "string",
+  arg: "N",
+  default: "1",
+  env: "METER_SYNC_PARALLEL",
+  help: "batches in flight at once, each on its own connections (1-16); raise on slow links",
+};
 const MAX_BATCHES: FlagSpec = {
   type: "string",
   arg: "N",
@@ -151,6 +158,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
     usage: "meter-sync sync [--batch-size N] [--max-batches N]",
     flags: {
       "max-batches": MAX_BATCHES,
+      parallel: PARALLEL,
       "download-tables": DOWNLOAD_TABLES,
       "agent-id": AGENT_ID,
     },
@@ -160,7 +168,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
   upload: {
     summary: "the upload half only",
     usage: "meter-sync upload [--batch-size N] [--max-batches N]",
-    flags: { "max-batches": MAX_BATCHES, "agent-id": AGENT_ID },
+    flags: { "max-batches": MAX_BATCHES, parallel: PARALLEL, "agent-id": AGENT_ID },
     needs: "both",
     available: true,
   },
@@ -210,6 +218,7 @@ export const COMMAND_SPECS: Record<CommandName, CommandSpec> = {
       },
       "stale-after": STALE_AFTER,
       "max-batches": MAX_BATCHES,
+      parallel: PARALLEL,
       "download-tables": DOWNLOAD_TABLES,
       "agent-id": AGENT_ID,
     },
@@ -305,6 +314,8 @@ export interface Config {
   batchSize: number;
   maxRetries: number;
   maxBatches?: number;
+  /** Upload lanes: batches in flight at once, each on its own connections. */
+  parallel: number;
   table: string;
   logLevel: LogLevel;
   logFormat: LogFormat;
@@ -351,6 +362,7 @@ export const ENV_VARS = [
   "METER_SYNC_LOG_FORMAT",
   "METER_SYNC_DOWNLOAD_TABLES",
   "METER_SYNC_AGENT_ID",
+  "METER_SYNC_PARALLEL",
   "METER_SYNC_PASSWORD_FILE",
   "METER_SYNC_LOCAL_PASSWORD_FILE",
   "METER_SYNC_EVERY",
@@ -612,6 +624,7 @@ function parse({ args, env }: Invocation): Parsed {
     batchSize: intSetting(label("batch-size"), str("batch-size"), 100, [1, 100_000])!,
     maxRetries: intSetting(label("max-retries"), str("max-retries"), 3, [0, 100])!,
     maxBatches: intSetting("--max-batches", str("max-batches"), undefined, [1, 1_000_000_000]),
+    parallel: intSetting(label("parallel"), str("parallel"), 1, [1, 16])!,
     table,
     logLevel,
     logFormat,

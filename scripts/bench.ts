@@ -31,6 +31,7 @@ const HELP = `deno task bench [flags]
   --rtt DURATION        simulate a slow link to the remote, e.g. 50ms (a delaying TCP proxy)
   --batch-sizes LIST    batch sizes tried for meter-sync's best (default ${DEFAULT_BATCH_SIZES})
   --only LIST           contenders to run: pipe,sync,original (default all three)
+  --parallel N          meter-sync's --parallel: upload lanes in flight at once (default 1)
   --memory              only meter-sync, with a ${MEMORY_ROWS}-row backlog, at batch sizes 100
                         and ${
   Math.max(...DEFAULT_BATCH_SIZES)
@@ -52,6 +53,7 @@ interface Options {
   remoteUrl?: string;
   allowTruncate: boolean;
   results?: string;
+  parallel: number;
 }
 
 function fail(message: string): never {
@@ -73,6 +75,7 @@ function parseOptions(args: string[]): Options {
       rtt: { type: "string" },
       "batch-sizes": { type: "string" },
       only: { type: "string" },
+      parallel: { type: "string", default: "1" },
       memory: { type: "boolean", default: false },
       "no-psql": { type: "boolean", default: false },
       "local-url": { type: "string" },
@@ -121,6 +124,7 @@ function parseOptions(args: string[]): Options {
     remoteUrl: values["remote-url"],
     allowTruncate: values["allow-truncate"],
     results: values["no-results"] ? undefined : values.results,
+    parallel: positiveInt(values.parallel, "--parallel"),
   };
 }
 
@@ -442,10 +446,10 @@ function parseBaseline(stdout: string): BaselineResult | undefined {
   }
 }
 
-/** The seconds of the cycle's summary log line ("uploaded N readings in ... s"). */
+/** The seconds of the cycle's summary log line (category meter-sync.cycle). */
 function cycleSeconds(stderr: string): number | undefined {
   for (const line of stderr.split("\n").reverse()) {
-    if (!line.includes('"uploaded')) continue;
+    if (!line.includes('"category":"meter-sync.cycle"')) continue;
     try {
       const record = JSON.parse(line);
       const s = record.properties?.seconds;
@@ -457,7 +461,12 @@ function cycleSeconds(stderr: string): number | undefined {
   return undefined;
 }
 
-async function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<ProcessRun> {
+async function runSync(
+  b: Bench,
+  remoteUrl: string,
+  batchSize: number,
+  parallel: number,
+): Promise<ProcessRun> {
   return await runProcess(Deno.execPath(), [
     "run",
     ...(await shippedFlags()),
@@ -465,6 +474,8 @@ async function runSync(b: Bench, remoteUrl: string, batchSize: number): Promise<
     "upload",
     "--batch-size",
     String(batchSize),
+    "--parallel",
+    String(parallel),
     "--log-format",
     "json",
   ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
@@ -809,8 +820,14 @@ async function main(): Promise<number> {
           await measure(
             bench,
             rows,
-            { key: "sync", label: `(b) meter-sync upload`, batchSize: size },
-            () => runSync(bench, contenderRemote, size),
+            {
+              key: "sync",
+              label: `(b) meter-sync upload${
+                opts.parallel > 1 ? ` --parallel ${opts.parallel}` : ""
+              }`,
+              batchSize: size,
+            },
+            () => runSync(bench, contenderRemote, size, opts.parallel),
           ),
         );
       }

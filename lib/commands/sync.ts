@@ -6,9 +6,10 @@
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "../config.ts";
 import { withDatabases, withPools } from "../connections.ts";
+import { laneBatches, sumResults } from "../lanes.ts";
 import { CycleError, describeError, SchemaError } from "../errors.ts";
 import { download } from "../download.ts";
-import type { Sql } from "../db.ts";
+import type { Pool, Sql } from "../db.ts";
 import { recordHeartbeat } from "../heartbeat.ts";
 import { createProgress, type Progress, shouldShowProgress } from "../progress.ts";
 import { recordRun } from "../runs.ts";
@@ -18,6 +19,8 @@ import { VERSION } from "../version.ts";
 import type { CommandContext } from "./context.ts";
 
 const log = getLogger(["meter-sync", "cycle"]);
+
+type Pools = { local: Pool; remote: Pool };
 
 /** What a caller may observe during a cycle (metrics in run mode, progress on a terminal). */
 export interface CycleHooks {
@@ -90,23 +93,42 @@ export async function runCycle(
       if (hooks.wantsBacklog && hooks.onBacklog) {
         hooks.onBacklog(await queueSize(pools.local.sql, config.table));
       }
-      try {
-        result = await upload({
-          ...pools,
+      // One lane per --parallel: lane 0 on these pools, the others on pools of their own.
+      const shares = laneBatches(config.maxBatches, config.parallel);
+      const sofar: UploadResult[] = shares.map(() => EMPTY);
+      const lane = (i: number, lanePools: Pools) =>
+        upload({
+          ...lanePools,
           clock: ctx.clock,
           random: ctx.random,
           signal: ctx.signal,
         }, {
           table: config.table,
           batchSize: config.batchSize,
-          maxBatches: config.maxBatches,
+          maxBatches: shares[i],
           maxRetries: config.maxRetries,
           onBatch: (progress, batch) => {
-            partial = progress;
-            hooks.onBatch?.(progress, batch);
+            sofar[i] = progress;
+            partial = sumResults(sofar);
+            hooks.onBatch?.(partial, batch);
           },
           onRetry: hooks.onRetry,
         });
+      try {
+        const settled = await Promise.allSettled(
+          shares.map((share, i) =>
+            share === 0
+              ? Promise.resolve(EMPTY)
+              : i === 0
+              ? lane(0, pools)
+              : withPools(config, (own) => lane(i, own))
+          ),
+        );
+        const failure = settled.find((s) => s.status === "rejected");
+        if (failure) throw failure.reason;
+        result = sumResults(
+          settled.map((s) => (s as PromiseFulfilledResult<UploadResult>).value),
+        );
       } finally {
         hooks.onUploadEnd?.();
       }
