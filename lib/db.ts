@@ -382,16 +382,41 @@ export function passwordSourceOf(sql: Sql): string | undefined {
 
 let guarded = false;
 
+/** The array-types query postgres.js runs on every fresh connection (fetch_types). */
+export function isTypeFetch(err: unknown): boolean {
+  const query = (err as { query?: unknown } | null)?.query;
+  return typeof query === "string" && query.includes("a.typcategory = 'A'") &&
+    query.includes("pg_catalog.pg_type");
+}
+
 /**
- * postgres.js 3.4.9 bug: when a connection dies inside sql.begin(), the driver still
- * writes its ROLLBACK to that connection from a setImmediate, on a socket it has
- * already set to null. The TypeError escapes every promise and would end the process;
- * the transaction is gone with the connection anyway and begin() has already rejected.
- * Only that exact error is swallowed.
+ * A connection-level failure (reset, destroyed, admin shutdown, class 08): what the
+ * driver's internal type fetch rejects with when a fresh connection is lost. Every query
+ * of meter-sync is awaited, so such a rejection that nobody handled can only be the
+ * driver's own (its stack does not always name postgres.js: a bare ECONNRESET).
  */
-function guardDriverBug(): void {
+export function isConnectionLoss(err: unknown): boolean {
+  const code = String((err as { code?: unknown } | null)?.code ?? "");
+  return /^(ECONNRESET|EPIPE|ECONNREFUSED|CONNECTION_\w+|08\w{3}|57P0[1-3])$/.test(code);
+}
+
+/**
+ * Two postgres.js 3.4.9 bugs that would end the process:
+ * - when a connection dies inside sql.begin(), the driver still writes its ROLLBACK to
+ *   that connection from a setImmediate, on a socket it has already set to null; the
+ *   TypeError escapes every promise (begin() has already rejected);
+ * - the array-types query of a fresh connection runs from a promise nobody handles
+ *   (`return fetchArrayTypes()` in a message handler): a connection lost during it
+ *   (a terminated backend, a restarting server; found by the chaos run) is an unhandled
+ *   rejection. The connection is gone; the next query reconnects or fails on its own.
+ * Only those exact errors are swallowed.
+ */
+export function guardDriverBug(): void {
   if (guarded) return;
   guarded = true;
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    if (isTypeFetch(event.reason) || isConnectionLoss(event.reason)) event.preventDefault();
+  });
   globalThis.addEventListener("error", (event) => {
     const err = (event as ErrorEvent).error;
     if (

@@ -63,7 +63,7 @@ export async function runAgent(
     },
     events: {
       skippedBusy: ({ runningForMs }) =>
-        log.warn(
+        log.info(
           "tick skipped: the previous cycle is still running ({running}); cycles never overlap",
           { running: formatDuration(runningForMs), runningMs: runningForMs },
         ),
