@@ -84,14 +84,29 @@ export function redactingSink(
 
 const encoder = new TextEncoder();
 
+let beforeLine: (() => void) | null = null;
+
+/**
+ * Registers what must happen before a log line is written (a progress bar erasing itself,
+ * so that the line does not land in the middle of it); null removes it.
+ */
+export function beforeLogLine(fn: (() => void) | null): void {
+  beforeLine = fn;
+}
+
 /** Configures LogTape once; main.ts calls it before any command runs. */
 export async function setupLogging(options: LoggingOptions): Promise<void> {
-  const write = options.write ?? ((line: string) => Deno.stderr.writeSync(encoder.encode(line)));
+  const raw = options.write ?? ((line: string) => Deno.stderr.writeSync(encoder.encode(line)));
+  const write = (line: string) => {
+    beforeLine?.();
+    raw(line);
+  };
   const format = options.format === "json"
     ? jsonFormatter
     : prettyFormatter(options.color ?? false);
   await configure({
     reset: true,
+    // The very array main.ts holds: passwords read from files later are added to it.
     sinks: { main: redactingSink(format, write, options.secrets) },
     loggers: [
       { category: ["meter-sync"], lowestLevel: options.level, sinks: ["main"] },

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { getLogger, type LogRecord, reset } from "@logtape/logtape";
 import type { LogFormat, LogLevel } from "../lib/config.ts";
-import { jsonFormatter, setupLogging } from "../lib/log.ts";
+import { beforeLogLine, jsonFormatter, setupLogging } from "../lib/log.ts";
 
 const log = getLogger(["meter-sync", "x"]);
 
@@ -162,4 +162,25 @@ Deno.test("setupLogging() called again replaces the previous configuration", asy
   }
   assert.equal(first.length, 0);
   assert.equal(second.length, 1);
+});
+
+Deno.test("beforeLogLine() runs before every line (a progress bar erases itself) until removed", async () => {
+  const events: string[] = [];
+  await setupLogging({
+    level: "info",
+    format: "pretty",
+    secrets: [],
+    write: (line) => events.push(`line ${line.includes("second") ? 2 : 1}`),
+  });
+  try {
+    beforeLogLine(() => events.push("clear"));
+    log.warn("first");
+    log.info("second");
+    beforeLogLine(null);
+    log.info("first again");
+  } finally {
+    beforeLogLine(null);
+    await reset();
+  }
+  assert.deepEqual(events, ["clear", "line 1", "clear", "line 2", "line 1"]);
 });

@@ -11,6 +11,7 @@ import { CycleError, describeError, SchemaError } from "../errors.ts";
 import { download } from "../download.ts";
 import type { Pool, Sql } from "../db.ts";
 import { recordHeartbeat } from "../heartbeat.ts";
+import { beforeLogLine } from "../log.ts";
 import { createProgress, type Progress, shouldShowProgress } from "../progress.ts";
 import { recordRun } from "../runs.ts";
 import { queueSize, readStatus, type StatusReport } from "../status.ts";
@@ -250,10 +251,16 @@ export async function syncCommand(config: Config, ctx: CommandContext): Promise<
             columns: terminal.columns,
           });
           bar.update(0);
+          // A warning during the drain erases the bar first; the next batch redraws it.
+          const drawn = bar;
+          beforeLogLine(() => drawn.clear());
         }
       },
       onBatch: (progress) => bar?.update(progress.deleted + progress.quarantined),
-      onUploadEnd: () => bar?.finish(),
+      onUploadEnd: () => {
+        beforeLogLine(null);
+        bar?.finish();
+      },
     }
     : {};
   const report = await runCycle(config, ctx, hooks);
