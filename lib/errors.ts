@@ -128,6 +128,13 @@ const SETTING_FIXES: Record<string, string> = {
   // read_only_sql_transaction: default_transaction_read_only is on, or the server is a standby.
   "25006":
     "the database is read-only (default_transaction_read_only, or a standby): run ALTER DATABASE ... SET default_transaction_read_only = off, or point the URL at the writable primary",
+  // invalid_password, invalid_authorization_specification (no pg_hba.conf entry, no such role)
+  "28P01":
+    "fix the user or password (the URL, --password-file or --local-password-file, or the pgpass file)",
+  "28000":
+    "the server refuses this user from this host: check the user name and the server's pg_hba.conf",
+  // invalid_catalog_name: the database in the URL does not exist
+  "3D000": "fix the database name in the URL, or create the database",
   // insufficient_privilege
   "42501":
     "the database user lacks a privilege: GRANT it (see scripts/roles_local.sql and scripts/roles_remote.sql), or connect as a user that has it",

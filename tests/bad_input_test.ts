@@ -892,6 +892,14 @@ Deno.test("exitCodeOf() gives 2 for a ConfigError, 3 for a SchemaError or a miss
     failureLine(pgError("42P01", 'relation "meter_sync_quarantine" does not exist')),
     /does not exist.*meter-sync migrate/,
   );
+  // A wrong password, a user the server refuses, a database that does not exist: settings.
+  for (const code of ["28P01", "28000", "3D000"]) {
+    const wrapped = new CycleError("cannot reach the remote database", {
+      cause: pgError(code, "refused"),
+    });
+    assert.equal(exitCodeOf(wrapped), 2, code);
+    assert.match(failureLine(wrapped), /; (fix|the server refuses)/, code);
+  }
   assert.equal(exitCodeOf(new CycleError("upload failed after 4 attempts")), 1);
   assert.equal(exitCodeOf(pgError("57P01", "terminating connection")), 1);
   assert.equal(exitCodeOf(new Error("boom")), 1);

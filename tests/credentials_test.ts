@@ -275,7 +275,7 @@ Deno.test("CLI: METER_SYNC_PASSWORD_FILE and METER_SYNC_LOCAL_PASSWORD_FILE work
   assertNoPassword(r.stdout + r.stderr, t.passwords);
 });
 
-Deno.test("CLI: swapped password files fail authentication (exit 1) without showing either password", async () => {
+Deno.test("CLI: swapped password files fail authentication (exit 2: a setting to fix) without showing either password", async () => {
   await using t = await setup();
   const r = await runCli([
     "status",
@@ -284,9 +284,10 @@ Deno.test("CLI: swapped password files fail authentication (exit 1) without show
     "--local-password-file",
     t.remoteFile,
   ]);
-  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.code, 2, r.stderr);
   const line = oneLine(r.stderr);
   assert.match(line, /password authentication failed/);
+  assert.match(line, /fix the user or password/);
   assertNoPassword(r.stdout + r.stderr, t.passwords);
 });
 
@@ -397,7 +398,7 @@ Deno.test("CLI: a password read from a file is masked wherever it would show, in
       "--log-format",
       format,
     ]);
-    assert.equal(r.code, 1, r.stderr);
+    assert.equal(r.code, 2, r.stderr);
     const line = oneLine(r.stderr);
     assert.ok(!line.includes(name), `the password from the file shows: ${line}`);
     assert.match(line, /password authentication failed for user \\?"\*\*\*\\?"/);
