@@ -57,6 +57,9 @@ export function fileProblem(err: unknown): string {
     return "cannot be read (permission denied for the user meter-sync runs as)";
   }
   if (err instanceof Deno.errors.IsADirectory) return "is a directory, not a file";
+  if (err instanceof Deno.errors.NotCapable) {
+    return "is outside what this build may read (its --allow-read: /etc/meter-sync and /run/credentials; move the file there, or build with METER_SYNC_ALLOW_READ)";
+  }
   const message = err instanceof Error ? err.message.split("\n")[0] : String(err);
   return `cannot be read (${message.replace(/:\s*(stat|readfile|open) '.*'$/, "")})`;
 }

@@ -55,6 +55,9 @@ export async function readPgpass(
   try {
     info = await Deno.stat(path);
   } catch {
+    // Missing, or outside what the compiled binary may read (its --allow-read covers
+    // /etc/meter-sync): ignored like libpq ignores a missing file; ~/.pgpass is the default
+    // path and usually absent, so no warning.
     return undefined;
   }
   if (!info.isFile) {

@@ -2,26 +2,19 @@
  * `deno task compile`: builds dist/meter-sync-x86_64 and dist/meter-sync-aarch64 (Linux) with
  * the run-time flags the task passes after the script name (the same flags the tests run with).
  *
- * Build-time narrowing: METER_SYNC_ALLOW_NET=db1:5432,db2:5432 replaces --allow-net with those
- * hosts, METER_SYNC_ALLOW_READ=/etc/meter-sync,... replaces --allow-read with those paths.
+ * The binary reads files only under /etc/meter-sync and /run/credentials (and its migrations):
+ * METER_SYNC_ALLOW_READ=/path,... chooses other paths, "all" any file. METER_SYNC_ALLOW_NET=
+ * db1:5432,db2:5432 replaces --allow-net with those hosts (scripts/shipped_flags.ts).
  * `deno compile` downloads the runtime (denort) from dl.deno.land; when that is unreachable the
  * task says so in one line and exits 1. DENORT_BIN=/path/to/denort uses a local copy instead.
  */
+
+import { binaryFlags } from "./shipped_flags.ts";
 
 const TARGETS = {
   x86_64: "x86_64-unknown-linux-gnu",
   aarch64: "aarch64-unknown-linux-gnu",
 } as const;
-
-function narrowed(flags: string[]): string[] {
-  const net = Deno.env.get("METER_SYNC_ALLOW_NET");
-  const read = Deno.env.get("METER_SYNC_ALLOW_READ");
-  return flags.map((f) => {
-    if (f === "--allow-net" && net) return `--allow-net=${net}`;
-    if (f === "--allow-read" && read) return `--allow-read=${read}`;
-    return f;
-  });
-}
 
 async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boolean> {
   const output = `dist/meter-sync-${arch}`;
@@ -61,7 +54,12 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
   return false;
 }
 
-const flags = narrowed(Deno.args);
+const flags = binaryFlags(Deno.args, {
+  allowNet: Deno.env.get("METER_SYNC_ALLOW_NET"),
+  allowRead: Deno.env.get("METER_SYNC_ALLOW_READ"),
+  checkout: Deno.cwd(),
+});
+console.log(`run-time flags: ${flags.join(" ")}`);
 let ok = true;
 for (const arch of Object.keys(TARGETS) as (keyof typeof TARGETS)[]) {
   ok = (await build(arch, flags)) && ok;

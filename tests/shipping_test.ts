@@ -1,7 +1,9 @@
 /** What ships to the gateway: the binary's permission flags, the compile task, the systemd unit. */
 import assert from "node:assert/strict";
 import { ENV_VARS, parseInvocation } from "../lib/config.ts";
-import { shippedFlags } from "../scripts/shipped_flags.ts";
+import { seedReadings } from "../lib/seed.ts";
+import { binaryFlags, shippedFlags } from "../scripts/shipped_flags.ts";
+import { count, pair } from "./_sync_fixture.ts";
 
 const root = new URL("../", import.meta.url);
 const read = (path: string) => Deno.readTextFile(new URL(path, root));
@@ -78,5 +80,70 @@ Deno.test("every setting in the example environment file is one meter-sync reads
   assert.ok(keys.length >= 10, keys.join(" "));
   for (const key of keys) {
     assert.ok((ENV_VARS as readonly string[]).includes(key), `${key} is not read by meter-sync`);
+  }
+});
+
+Deno.test("binaryFlags() narrows read to /etc/meter-sync, /run/credentials and the migrations; net on request", () => {
+  const flags = ["--allow-net", "--allow-env=A", "--allow-read", "--unstable-cron"];
+  assert.deepEqual(binaryFlags(flags, { checkout: "/src/meter-sync/" }), [
+    "--allow-net",
+    "--allow-env=A",
+    "--allow-read=/etc/meter-sync,/run/credentials,/src/meter-sync/migrations",
+    "--unstable-cron",
+  ]);
+  assert.deepEqual(
+    binaryFlags(flags, { checkout: "/s", allowNet: "db:5432,10.0.0.9:5432", allowRead: "/opt/ms" }),
+    [
+      "--allow-net=db:5432,10.0.0.9:5432",
+      "--allow-env=A",
+      "--allow-read=/opt/ms,/s/migrations",
+      "--unstable-cron",
+    ],
+  );
+  assert.deepEqual(binaryFlags(flags, { checkout: "/s", allowRead: "all" }), flags);
+});
+
+Deno.test("main.ts with the binary's narrowed read migrates, syncs and reports; a password file elsewhere is one clear line", async () => {
+  await using p = await pair(0);
+  const flags = binaryFlags(await shippedFlags(), { checkout: root.pathname });
+  const cli = async (args: string[], extraEnv: Record<string, string> = {}) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--quiet", ...flags, new URL("main.ts", root).pathname, ...args],
+      env: {
+        NO_COLOR: "1",
+        LOCAL_DATABASE_URL: p.local.url,
+        REMOTE_DATABASE_URL: p.remote.url,
+        ...extraEnv,
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  // Fresh migrations through the binary's read permission (pair() migrated in-process).
+  await p.local.sql`DROP TABLE meter_sync_migrations`;
+  const migrated = await cli(["migrate"]);
+  assert.equal(migrated.code, 0, migrated.stderr);
+  await seedReadings(p.local.sql, { count: 500, meters: 5, days: 1 });
+  const synced = await cli(["sync"]);
+  assert.equal(synced.code, 0, synced.stderr);
+  assert.equal(await count(p.remote.sql), 500);
+  const status = await cli(["status"]);
+  assert.equal(status.code, 0, status.stderr);
+
+  const outside = await Deno.makeTempFile();
+  try {
+    await Deno.chmod(outside, 0o600);
+    const noPassword = new URL(p.local.url);
+    noPassword.password = "";
+    const refused = await cli(["status"], {
+      LOCAL_DATABASE_URL: noPassword.href,
+      METER_SYNC_LOCAL_PASSWORD_FILE: outside,
+    });
+    assert.equal(refused.code, 2, refused.stderr);
+    assert.equal(refused.stderr.trim().split("\n").length, 1, refused.stderr);
+    assert.match(refused.stderr, /is outside what this build may read/);
+  } finally {
+    await Deno.remove(outside);
   }
 });
