@@ -257,6 +257,7 @@ export async function demo(
       `${CMD} start check-schema   # compare the two readings tables`,
       `${CMD} start migrate        # add what is missing (back up production first)`,
       `${CMD} sync                 # one cycle: upload the queue`,
+      `${CMD} start run --every 30s --http 127.0.0.1:9464  # the agent, with /metrics`,
       `${CMD} start status --json  # the queue, for machines`,
       `${CMD} compile              # one binary for a gateway`,
     ]
