@@ -47,8 +47,16 @@ async function referencingKeys(
  */
 export async function mirrorTable(local: Sql, remote: Sql, table: string): Promise<MirrorResult> {
   const [l, r] = await Promise.all([readTable(local, table), readTable(remote, table)]);
-  if (!r) throw new SchemaError(`download: table "${table}" does not exist in the remote database`);
-  if (!l) throw new SchemaError(`download: table "${table}" does not exist in the local database`);
+  if (!r) {
+    throw new SchemaError(
+      `download: table "${table}" does not exist in the remote database; run: meter-sync migrate --target remote, or fix --download-tables`,
+    );
+  }
+  if (!l) {
+    throw new SchemaError(
+      `download: table "${table}" does not exist in the local database; run: meter-sync migrate --target local, or fix --download-tables`,
+    );
+  }
   if (r.primaryKey.length === 0 || l.primaryKey.length === 0) {
     throw new SchemaError(
       `download: table "${table}" has no primary key ${

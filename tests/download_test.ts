@@ -73,6 +73,25 @@ Deno.test("a table without a primary key is refused with a clear message", async
   );
 });
 
+Deno.test("a download table missing on either side is exit 3 in one line that says to migrate", async () => {
+  await using p = await pair(0);
+  await p.remote.sql`CREATE TABLE tariffs (code text PRIMARY KEY, price numeric)`;
+  const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
+  const local = await runCli(["download", "--download-tables", "tariffs"], { env });
+  assert.equal(local.code, 3, local.stderr);
+  assert.equal(local.stderr.trim().split("\n").length, 1, local.stderr);
+  assert.match(
+    local.stderr,
+    /"tariffs" does not exist in the local database; run: meter-sync migrate --target local/,
+  );
+  const remote = await runCli(["download", "--download-tables", "rates"], { env });
+  assert.equal(remote.code, 3, remote.stderr);
+  assert.match(
+    remote.stderr,
+    /"rates" does not exist in the remote database; run: meter-sync migrate --target remote/,
+  );
+});
+
 Deno.test("sync uploads the readings, then brings the meters down; download runs alone too", async () => {
   await using p = await pair(120);
   await p.remote.sql`
