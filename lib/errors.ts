@@ -184,6 +184,11 @@ export function exitCodeOf(err: unknown): number {
   if (chain.some((e) => e instanceof ConfigError)) return ExitCode.usage;
   if (chain.some((e) => e instanceof SchemaError)) return ExitCode.schema;
   if (settingFix(err)) return ExitCode.usage;
+  // A TLS refusal (untrusted certificate, wrong host name, no TLS offered): the URL's TLS
+  // settings and the server disagree, which only a setting cures.
+  if (chain.some((e) => String((e as { code?: unknown } | null)?.code ?? "").startsWith("TLS_"))) {
+    return ExitCode.usage;
+  }
   if (missingTable(err)) return ExitCode.schema;
   return ExitCode.cycleFailed;
 }

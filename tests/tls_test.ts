@@ -463,7 +463,7 @@ Deno.test("CLI: migrate, seed and sync over verify-full on both sides", async ()
   assert.deepEqual({ left, arrived }, { left: 0, arrived: 250 });
 });
 
-Deno.test("CLI: status with a wrong CA exits 1 with one line naming sslrootcert", async () => {
+Deno.test("CLI: status with a wrong CA exits 2 (a setting to fix) with one line naming sslrootcert", async () => {
   await using db = await tlsDb(true);
   const p = await pki();
   const r = await runCli([
@@ -471,13 +471,13 @@ Deno.test("CLI: status with a wrong CA exits 1 with one line naming sslrootcert"
     "--local-url",
     urlOf(db, { sslmode: "verify-full", sslrootcert: p.otherCa }),
   ]);
-  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.code, 2, r.stderr);
   const line = assertOneCleanLine(r.stderr, db.server.password);
   assert.match(line, /^meter-sync: cannot reach the local database postgres:\/\/postgres:\*\*\*@/);
   assert.ok(line.includes(`is not trusted by sslrootcert ${p.otherCa}`), line);
 });
 
-Deno.test("CLI: status through 127.0.0.1 with verify-full exits 1 with a host name mismatch", async () => {
+Deno.test("CLI: status through 127.0.0.1 with verify-full exits 2 (a setting to fix) with a host name mismatch", async () => {
   await using db = await tlsDb(true);
   const p = await pki();
   const r = await runCli([
@@ -485,7 +485,7 @@ Deno.test("CLI: status through 127.0.0.1 with verify-full exits 1 with a host na
     "--local-url",
     urlOf(db, { host: "127.0.0.1", sslmode: "verify-full", sslrootcert: p.ca }),
   ]);
-  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.code, 2, r.stderr);
   const line = assertOneCleanLine(r.stderr, db.server.password);
   assert.match(
     line,
@@ -493,10 +493,10 @@ Deno.test("CLI: status through 127.0.0.1 with verify-full exits 1 with a host na
   );
 });
 
-Deno.test("CLI: status with require against a server without TLS exits 1 in one line", async () => {
+Deno.test("CLI: status with require against a server without TLS exits 2 (a setting to fix) in one line", async () => {
   await using db = await tlsDb(false);
   const r = await runCli(["status", "--local-url", urlOf(db, { sslmode: "require" })]);
-  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.code, 2, r.stderr);
   const line = assertOneCleanLine(r.stderr, db.server.password);
   assert.match(line, /does not offer TLS, and sslmode=require requires it/);
 });
@@ -513,7 +513,7 @@ Deno.test("CLI: migrate with disable works against a server without TLS", async 
   assert.equal(r.code, 0, r.stderr);
 });
 
-Deno.test("CLI: a wrong CA on the remote side fails the sync with one line that names TLS", async () => {
+Deno.test("CLI: a wrong CA on the remote side fails the sync with exit 2 and one line that names TLS", async () => {
   await tlsServer(true);
   await using local = await freshDb();
   await using remote = await freshDb();
@@ -528,7 +528,7 @@ Deno.test("CLI: a wrong CA on the remote side fails the sync with one line that 
     "--remote-url",
     urlOf(remote, { sslmode: "verify-full", sslrootcert: p.otherCa }),
   ]);
-  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.code, 2, r.stderr);
   const line = assertOneCleanLine(r.stderr, local.server.password);
   assert.match(
     line,
