@@ -65,6 +65,11 @@ export class Agent {
     this.#options = options;
   }
 
+  /** Whether a cycle (or its jitter wait) is under way. */
+  get busy(): boolean {
+    return this.#running !== null;
+  }
+
   /** Failed cycles in a row. */
   get failures(): number {
     return this.#failures;

@@ -107,7 +107,7 @@ export async function runAgent(
       ctx.signal.addEventListener("abort", () => resolve(), { once: true });
     });
   }
-  if (agent.cycles > 0) log.info("stopping: letting the cycle in flight finish its batch");
+  if (agent.busy) log.info("stopping: letting the cycle in flight finish its batch");
   await agent.idle();
   log.info("agent stopped after {cycles} cycles ({skipped} ticks skipped)", {
     cycles: agent.cycles,
@@ -125,10 +125,15 @@ async function answers(config: Config, side: "local" | "remote"): Promise<boolea
     : { ...config, local: undefined, remote: quick };
   try {
     return await withDatabases(only, async (dbs) => {
-      await Promise.race([
-        dbs[side]!`SELECT 1`,
-        new Promise((_, reject) => setTimeout(() => reject(new Error("timeout")), 3000)),
-      ]);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      try {
+        await Promise.race([
+          dbs[side]!`SELECT 1`,
+          new Promise((_, reject) => timer = setTimeout(() => reject(new Error("timeout")), 3000)),
+        ]);
+      } finally {
+        clearTimeout(timer);
+      }
       return true;
     });
   } catch {
