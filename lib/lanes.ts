@@ -3,7 +3,7 @@
  * connections. FOR UPDATE SKIP LOCKED keeps them apart as it keeps two agents apart (G4); on a
  * slow link N batches travel at once instead of one.
  */
-import type { UploadResult } from "./upload.ts";
+import { emptyResult, type UploadResult } from "./upload.ts";
 
 /** Each lane's share of --max-batches (undefined: until the queue is empty); 0 means skip it. */
 export function laneBatches(maxBatches: number | undefined, lanes: number): (number | undefined)[] {
@@ -18,16 +18,7 @@ export function laneBatches(maxBatches: number | undefined, lanes: number): (num
 
 /** The cycle's totals from its lanes' results: counts add up, the time is the longest lane's. */
 export function sumResults(results: UploadResult[]): UploadResult {
-  const total: UploadResult = {
-    uploaded: 0,
-    skipped: 0,
-    deleted: 0,
-    quarantined: 0,
-    batches: 0,
-    retries: 0,
-    seconds: 0,
-    stopped: false,
-  };
+  const total = emptyResult();
   for (const r of results) {
     total.uploaded += r.uploaded;
     total.skipped += r.skipped;

@@ -149,13 +149,9 @@ interface Delivery {
   rejected: Rejection[];
 }
 
-/** Drains the queue into the remote: see the module comment and README "Upload guarantees". */
-export async function upload(deps: UploadDeps, options: UploadOptions = {}): Promise<UploadResult> {
-  const table = options.table ?? "meter_readings";
-  const batchSize = options.batchSize ?? 100;
-  const maxRetries = options.maxRetries ?? 3;
-  const started = deps.clock.now();
-  const result: UploadResult = {
+/** A cycle that has done nothing yet (a fresh object: upload() counts into it). */
+export function emptyResult(): UploadResult {
+  return {
     uploaded: 0,
     skipped: 0,
     deleted: 0,
@@ -165,6 +161,15 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     seconds: 0,
     stopped: false,
   };
+}
+
+/** Drains the queue into the remote: see the module comment and README "Upload guarantees". */
+export async function upload(deps: UploadDeps, options: UploadOptions = {}): Promise<UploadResult> {
+  const table = options.table ?? "meter_readings";
+  const batchSize = options.batchSize ?? 100;
+  const maxRetries = options.maxRetries ?? 3;
+  const started = deps.clock.now();
+  const result = emptyResult();
 
   // G7: both catalogs, every cycle, with the same code as check-schema.
   /** Retries transient faults with backoff, renewing both pools: a dead connection is not reusable (see Pool). */

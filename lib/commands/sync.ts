@@ -15,7 +15,7 @@ import { beforeLogLine } from "../log.ts";
 import { createProgress, type Progress, shouldShowProgress } from "../progress.ts";
 import { recordRun } from "../runs.ts";
 import { queueSize, readStatus, type StatusReport } from "../status.ts";
-import { upload, type UploadOptions, type UploadResult } from "../upload.ts";
+import { emptyResult, upload, type UploadOptions, type UploadResult } from "../upload.ts";
 import { VERSION } from "../version.ts";
 import type { CommandContext } from "./context.ts";
 
@@ -49,16 +49,7 @@ export interface CycleReport {
   error?: unknown;
 }
 
-const EMPTY: UploadResult = {
-  uploaded: 0,
-  skipped: 0,
-  deleted: 0,
-  quarantined: 0,
-  batches: 0,
-  retries: 0,
-  seconds: 0,
-  stopped: false,
-};
+const EMPTY: UploadResult = emptyResult();
 
 /** The download half: every --download-tables table; a failure fails the cycle (exit 1 or 3). */
 export async function downloadTables(config: Config, local: Sql, remote: Sql): Promise<number> {
