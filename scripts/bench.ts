@@ -15,7 +15,7 @@ import { seedReadings } from "../lib/seed.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { parseDuration } from "../lib/duration.ts";
 import { type DelayProxy, startDelayProxy } from "./delay_proxy.ts";
-import { shippedFlags } from "./shipped_flags.ts";
+import { childEnv, shippedFlags } from "./shipped_flags.ts";
 
 const TABLE = "meter_readings";
 /** The seeded backlog, kept aside so that every contender starts from the same rows. */
@@ -185,15 +185,6 @@ function killAll(signal: Deno.Signal = "SIGKILL"): void {
   }
 }
 
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = { NO_COLOR: "1" };
-  for (const key of ["PATH", "HOME", "DENO_DIR", "TMPDIR", "XDG_CACHE_HOME", "LANG"]) {
-    const value = Deno.env.get(key);
-    if (value !== undefined) env[key] = value;
-  }
-  return env;
-}
-
 async function drain(stream: ReadableStream<Uint8Array>): Promise<string> {
   const chunks: string[] = [];
   const decoder = new TextDecoder();
@@ -214,7 +205,7 @@ async function runProcess(
   const started = performance.now();
   const child = new Deno.Command(cmd, {
     args,
-    env: { ...baseEnv(), ...env },
+    env: { ...childEnv(), ...env },
     clearEnv: true,
     stdin: "null",
     stdout: "piped",
@@ -244,7 +235,7 @@ async function runPsqlPipe(
   const psql = (target: PsqlTarget, command: string, io: "out" | "in") =>
     new Deno.Command("psql", {
       args: ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.conninfo, "-c", command],
-      env: { ...baseEnv(), ...target.env },
+      env: { ...childEnv(), ...target.env },
       clearEnv: true,
       stdin: io === "in" ? "piped" : "null",
       stdout: io === "out" ? "piped" : "null",

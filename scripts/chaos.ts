@@ -19,7 +19,9 @@ import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { pgArray } from "../lib/quarantine.ts";
 import { seedReadings } from "../lib/seed.ts";
 import { SYNC_FLAG } from "../lib/schema.ts";
-import { shippedFlags } from "./shipped_flags.ts";
+import { systemClock } from "../lib/commands/context.ts";
+import { seededRandom } from "./seeded_random.ts";
+import { childEnv, shippedFlags } from "./shipped_flags.ts";
 
 /**
  * How the agent runs. "sync": one cycle per process, restarted by the supervisor (a
@@ -144,36 +146,12 @@ export interface ChaosSummary {
 // ---------------------------------------------------------------------------------------
 // Small tools
 
-/** mulberry32: a seeded PRNG, so that a run's choices replay from its seed. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function between(random: () => number, lo: number, hi: number): number {
   return Math.floor(lo + random() * (hi - lo + 1));
 }
 
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    };
-    signal?.addEventListener("abort", onAbort, { once: true });
-  });
-}
+/** The agent's own clock's sleep: rejects with the signal's reason when it aborts. */
+const sleep = systemClock.sleep;
 
 /** Resolves to the promise's value, or to undefined after ms. */
 async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
@@ -505,15 +483,6 @@ interface AgentSettings {
 
 let runCounter = 0;
 
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = { NO_COLOR: "1" };
-  for (const key of ["PATH", "HOME", "DENO_DIR", "TMPDIR", "XDG_CACHE_HOME", "LANG"]) {
-    const value = Deno.env.get(key);
-    if (value !== undefined) env[key] = value;
-  }
-  return env;
-}
-
 /** Ids, numbers and durations out, so that the same failure counts once. */
 function normaliseError(message: string): string {
   return message
@@ -533,7 +502,7 @@ function spawnAgent(settings: AgentSettings, args: string[]): AgentProcess {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "--quiet", ...settings.flags, main, ...args],
     env: {
-      ...baseEnv(),
+      ...childEnv(),
       LOCAL_DATABASE_URL: settings.localUrl,
       REMOTE_DATABASE_URL: settings.remoteUrl,
     },
@@ -929,20 +898,22 @@ async function drain(
   return false;
 }
 
-interface Check {
-  inserted: number;
-  delivered: number;
-  quarantined: number;
-  poisonInserted: number;
-  unexpectedQuarantined: number;
-  lost: number;
-  duplicated: number;
-  stillQueued: number;
-  unknownOnRemote: number;
-  remotePrimaryKey: boolean;
-  byKind: Record<string, number>;
-  lostIds: string[];
-}
+/** The reading counts of the summary, and what the findings need besides. */
+type Check =
+  & Pick<
+    ChaosSummary,
+    | "inserted"
+    | "delivered"
+    | "quarantined"
+    | "poisonInserted"
+    | "unexpectedQuarantined"
+    | "lost"
+    | "duplicated"
+    | "stillQueued"
+    | "unknownOnRemote"
+    | "remotePrimaryKey"
+  >
+  & { byKind: Record<string, number>; lostIds: string[] };
 
 /**
  * Every reading of the ledger: on the remote exactly once (and gone locally), or

@@ -12,6 +12,19 @@ export async function shippedFlags(): Promise<string[]> {
   return words.slice(at + 1);
 }
 
+/**
+ * The environment a spawned agent gets (with clearEnv): what Deno itself needs and nothing of
+ * the caller's own database settings; NO_COLOR for plain log lines.
+ */
+export function childEnv(): Record<string, string> {
+  const env: Record<string, string> = { NO_COLOR: "1" };
+  for (const key of ["PATH", "HOME", "DENO_DIR", "TMPDIR", "XDG_CACHE_HOME", "LANG"]) {
+    const value = Deno.env.get(key);
+    if (value !== undefined) env[key] = value;
+  }
+  return env;
+}
+
 /** Build-time choices of {@link binaryFlags}. */
 export interface BinaryOptions {
   /** METER_SYNC_ALLOW_NET: hosts (host:port,...) instead of all net. */

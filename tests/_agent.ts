@@ -1,4 +1,5 @@
 /** Running the agent as a user does (main.ts with the compile task's flags), for end-to-end tests. */
+import assert from "node:assert/strict";
 import { compileFlags, type Sql } from "./_harness.ts";
 
 export const MAIN = new URL("../main.ts", import.meta.url).pathname;
@@ -52,4 +53,13 @@ export async function agentCopying(sql: Sql): Promise<boolean> {
     SELECT count(*)::int AS n FROM pg_stat_activity
      WHERE application_name = 'meter-sync' AND state = 'active' AND query ILIKE 'copy%'`;
   return row.n > 0;
+}
+
+/** G9: after the agent exits, neither side has a session of it left. */
+export async function assertConnectionsClosed(...dbs: Sql[]): Promise<void> {
+  for (const db of dbs) {
+    const [row] = await db`
+      SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'meter-sync'`;
+    assert.equal(row.n, 0, "the agent closed its connections");
+  }
 }

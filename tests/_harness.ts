@@ -1,7 +1,7 @@
 /** Test harness: one embedded PostgreSQL server per test file, a fresh database per test. */
 import postgres from "postgres";
 import { type EmbeddedServer, startEmbeddedServer } from "../lib/embedded.ts";
-import { shippedFlags } from "../scripts/shipped_flags.ts";
+import { childEnv, shippedFlags } from "../scripts/shipped_flags.ts";
 
 export type Sql = postgres.Sql;
 
@@ -80,22 +80,13 @@ export interface RunCliOptions {
   timeoutMs?: number;
 }
 
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const key of ["PATH", "HOME", "DENO_DIR", "TMPDIR", "XDG_CACHE_HOME"]) {
-    const value = Deno.env.get(key);
-    if (value !== undefined) env[key] = value;
-  }
-  return env;
-}
-
 /** Runs main.ts as a user would: a subprocess with the compile task's permission flags. */
 export async function runCli(args: string[], options: RunCliOptions = {}): Promise<CliResult> {
   const main = new URL("../main.ts", import.meta.url).pathname;
   const cmd = new Deno.Command(Deno.execPath(), {
     args: ["run", "--quiet", ...(await compileFlags()), main, ...args],
     // A clean environment: nothing of the developer's own database settings leaks in.
-    env: { ...baseEnv(), NO_COLOR: "1", ...options.env },
+    env: { ...childEnv(), ...options.env },
     clearEnv: true,
     stdout: "piped",
     stderr: "piped",

@@ -16,22 +16,11 @@ import {
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { redactText } from "../lib/redact.ts";
 import { seedReadings } from "../lib/seed.ts";
+import { seededRandom } from "../scripts/seeded_random.ts";
 import { type CliResult, freshDb, runCli, type Sql, type TestDb } from "./_harness.ts";
 
 // ---------------------------------------------------------------------------------------------
 // A seeded source of randomness: every failure names the seed and the case that reproduce it.
-
-/** mulberry32: a tiny 32-bit PRNG, good enough to pick test inputs, and reproducible. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** The seed of this run: METER_SYNC_FUZZ_SEED replays a failure, otherwise a fixed one. */
 const SEED = Number(Deno.env.get("METER_SYNC_FUZZ_SEED") ?? 0x5eed6);
@@ -486,7 +475,7 @@ function checkParse(c: Case): ReturnType<typeof parseInvocation> | ConfigError {
 }
 
 Deno.test("parseInvocation() answers 5,000 random command lines with a config or a one-line ConfigError, never a password", () => {
-  const g = new Gen(mulberry32(SEED));
+  const g = new Gen(seededRandom(SEED));
   let errors = 0;
   let commands = 0;
   for (let n = 0; n < 5000; n++) {
@@ -592,7 +581,7 @@ function cliCase(g: Gen, n: number): { c: Case; expect: "usage" | "ok" | "db" } 
 }
 
 Deno.test("the CLI answers 24 random command lines with exit 0, 1 or 2 and one clean line, never a stack trace or a password", async () => {
-  const g = new Gen(mulberry32(SEED + 1));
+  const g = new Gen(seededRandom(SEED + 1));
   const cases: { c: Case; expect: "usage" | "ok" | "db" }[] = [];
   const want = { usage: 14, ok: 3, db: 7 };
   for (let n = 0; cases.length < 24 && n < 100_000; n++) {

@@ -3,7 +3,14 @@ import assert from "node:assert/strict";
 import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { freePort } from "../lib/embedded.ts";
 import { seedReadings } from "../lib/seed.ts";
-import { agentCopying, finish, slowRemoteCopies, spawnCli, waitFor } from "./_agent.ts";
+import {
+  agentCopying,
+  assertConnectionsClosed,
+  finish,
+  slowRemoteCopies,
+  spawnCli,
+  waitFor,
+} from "./_agent.ts";
 import { runCli, type Sql } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
@@ -205,11 +212,7 @@ Deno.test("SIGTERM during a batch in run mode: no half batch, connections closed
   assert.equal(remote % 250, 0, `no half batch: ${remote} rows on the remote`);
   assert.ok(remote < 2000, "it stopped before the queue was empty");
   assert.equal(remote + (await count(p.local.sql)), 2000);
-  for (const db of [p.local.sql, p.remote.sql]) {
-    const [row] = await db`
-      SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'meter-sync'`;
-    assert.equal(row.n, 0, "the agent closed its connections");
-  }
+  await assertConnectionsClosed(p.local.sql, p.remote.sql);
 });
 
 Deno.test("run --cron: a schedule cron rejects is exit 2 in one line; a valid one runs until SIGTERM", async () => {

@@ -1,7 +1,14 @@
 /** sync/upload as a user runs them (main.ts with the compile task's flags): G2 on a kill, G8, G9, logs, exit codes. */
 import assert from "node:assert/strict";
 import { upload } from "../lib/upload.ts";
-import { agentCopying, finish, slowRemoteCopies, spawnCli, waitFor } from "./_agent.ts";
+import {
+  agentCopying,
+  assertConnectionsClosed,
+  finish,
+  slowRemoteCopies,
+  spawnCli,
+  waitFor,
+} from "./_agent.ts";
 import { runCli } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
@@ -144,11 +151,7 @@ Deno.test("SIGTERM during a batch ends it whole, closes both connections and exi
   assert.ok(remote < 3000, "it stopped before the queue was empty");
   assert.equal(remote + local, 3000);
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: remote, ids: remote });
-  for (const db of [p.local.sql, p.remote.sql]) {
-    const [row] = await db`
-      SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'meter-sync'`;
-    assert.equal(row.n, 0, "the agent closed its connections");
-  }
+  await assertConnectionsClosed(p.local.sql, p.remote.sql);
 });
 
 Deno.test("a second signal stops at once, and still nothing is lost or doubled", async () => {
