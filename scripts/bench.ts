@@ -142,14 +142,66 @@ async function peakRssKib(pid: number): Promise<number | undefined> {
   }
 }
 
-/** Polls VmHWM (a high-water mark, so the last reading before exit is the peak). */
-function watchRss(pid: number): { stop(): Promise<number> } {
+/** Clock ticks per second of /proc/PID/stat (USER_HZ: 100 on every Linux we ship to). */
+const TICKS = 100;
+
+interface ProcStat {
+  ppid: number;
+  /** utime + stime: CPU seconds of the process itself (all its threads). */
+  cpu: number;
+  /** cutime + cstime: CPU seconds of its children that have exited and been reaped. */
+  childrenCpu: number;
+}
+
+/** /proc/PID/stat, or undefined once the process is gone. */
+async function procStat(pid: number): Promise<ProcStat | undefined> {
+  try {
+    const text = await Deno.readTextFile(`/proc/${pid}/stat`);
+    // Fields after the command name, which may hold spaces and parentheses.
+    const f = text.slice(text.lastIndexOf(")") + 2).split(" ");
+    return {
+      ppid: Number(f[1]),
+      cpu: (Number(f[11]) + Number(f[12])) / TICKS,
+      childrenCpu: (Number(f[13]) + Number(f[14])) / TICKS,
+    };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * CPU seconds used so far by a PostgreSQL server: the postmaster, its live processes
+ * (backends, WAL writer, checkpointer, ...) and the ones it has reaped.
+ */
+async function serverCpuSeconds(dataDir: string): Promise<number | undefined> {
+  let postmaster: number;
+  try {
+    postmaster = Number((await Deno.readTextFile(`${dataDir}/postmaster.pid`)).split("\n")[0]);
+  } catch {
+    return undefined;
+  }
+  const main = await procStat(postmaster);
+  if (!main) return undefined;
+  let total = main.cpu + main.childrenCpu;
+  for await (const entry of Deno.readDir("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    const st = await procStat(Number(entry.name));
+    if (st?.ppid === postmaster) total += st.cpu;
+  }
+  return total;
+}
+
+/** Polls VmHWM and CPU time: the last reading before exit holds the peak and the total. */
+function watchProcess(pid: number): { stop(): Promise<{ peakKib: number; cpu: number }> } {
   let peak = 0;
+  let cpu = 0;
   let running = true;
   const loop = (async () => {
     while (running) {
       const kib = await peakRssKib(pid);
       if (kib !== undefined) peak = Math.max(peak, kib);
+      const st = await procStat(pid);
+      if (st) cpu = Math.max(cpu, st.cpu);
       await new Promise((r) => setTimeout(r, 20));
     }
   })();
@@ -157,7 +209,7 @@ function watchRss(pid: number): { stop(): Promise<number> } {
     async stop() {
       running = false;
       await loop;
-      return peak;
+      return { peakKib: peak, cpu };
     },
   };
 }
@@ -166,6 +218,8 @@ interface ProcessRun {
   code: number;
   seconds: number;
   peakKib: number[];
+  /** CPU seconds of the contender's own process(es), sampled every 20 ms. */
+  cpu: number;
   stdout: string;
   stderr: string;
   /** COPY bytes that went through the pipe (psql pipe only). */
@@ -212,7 +266,7 @@ async function runProcess(
     stderr: "piped",
   }).spawn();
   children.add(child);
-  const rss = watchRss(child.pid);
+  const watch = watchProcess(child.pid);
   const timer = setTimeout(() => killAll(), RUN_TIMEOUT_MS);
   const [stdout, stderr, status] = await Promise.all([
     drain(child.stdout),
@@ -222,7 +276,8 @@ async function runProcess(
   const seconds = (performance.now() - started) / 1000;
   clearTimeout(timer);
   children.delete(child);
-  return { code: status.code, seconds, peakKib: [await rss.stop()], stdout, stderr };
+  const seen = await watch.stop();
+  return { code: status.code, seconds, peakKib: [seen.peakKib], cpu: seen.cpu, stdout, stderr };
 }
 
 /** psql LOCAL (COPY TO pstdout) | psql REMOTE (COPY FROM pstdin), counting the bytes between. */
@@ -246,8 +301,8 @@ async function runPsqlPipe(
   const receiver = psql(remote, copyIn, "in");
   children.add(sender);
   children.add(receiver);
-  const rssSender = watchRss(sender.pid);
-  const rssReceiver = watchRss(receiver.pid);
+  const watchSender = watchProcess(sender.pid);
+  const watchReceiver = watchProcess(receiver.pid);
   let bytes = 0;
   const counter = new TransformStream<Uint8Array, Uint8Array>({
     transform(chunk, controller) {
@@ -270,10 +325,12 @@ async function runPsqlPipe(
   clearTimeout(timer);
   children.delete(sender);
   children.delete(receiver);
+  const [seenSender, seenReceiver] = [await watchSender.stop(), await watchReceiver.stop()];
   return {
     code: statusOut.code || statusIn.code,
     seconds,
-    peakKib: [await rssSender.stop(), await rssReceiver.stop()],
+    peakKib: [seenSender.peakKib, seenReceiver.peakKib],
+    cpu: seenSender.cpu + seenReceiver.cpu,
     stdout: "",
     stderr: [errOut, errIn].filter(Boolean).join("\n"),
     bytes,
@@ -352,6 +409,8 @@ interface Bench {
   templateFingerprint: string;
   /** Binary COPY size of the backlog (remote columns), measured once. */
   copyBytes?: number;
+  /** Data folders of the embedded servers, whose CPU time is measured (not with given URLs). */
+  dataDirs?: { local: string; remote: string };
 }
 
 async function resetDatabases(b: Bench): Promise<number> {
@@ -398,9 +457,20 @@ interface Outcome {
   /** Seconds measured inside the process (without its start-up), when it says. */
   innerSeconds?: number;
   peakKib: number[];
+  /** CPU seconds during the run: each server (embedded only) and the contender's processes. */
+  cpu: { local?: number; remote?: number; contender: number };
   ok: boolean;
   failure?: string;
   identical: boolean;
+}
+
+/** CPU seconds of both embedded servers so far (undefined with given URLs). */
+async function serversCpu(b: Bench): Promise<{ local?: number; remote?: number }> {
+  if (!b.dataDirs) return {};
+  return {
+    local: await serverCpuSeconds(b.dataDirs.local),
+    remote: await serverCpuSeconds(b.dataDirs.remote),
+  };
 }
 
 function tail(text: string, lines = 8): string {
@@ -493,7 +563,11 @@ async function measure(
 ): Promise<Outcome> {
   const resetSeconds = await resetDatabases(b);
   console.log(`\n${spec.label}: reset in ${resetSeconds.toFixed(1)} s, running ...`);
+  const cpuBefore = await serversCpu(b);
   const result = await run();
+  const cpuAfter = await serversCpu(b);
+  const delta = (after?: number, before?: number) =>
+    after === undefined || before === undefined ? undefined : after - before;
   const check = await verify(b, rows, spec.key !== "pipe");
   let failure: string | undefined;
   if (result.code !== 0) failure = `exit code ${result.code}: ${tail(result.stderr)}`;
@@ -507,6 +581,11 @@ async function measure(
     seconds: result.seconds,
     innerSeconds,
     peakKib: result.peakKib,
+    cpu: {
+      local: delta(cpuAfter.local, cpuBefore.local),
+      remote: delta(cpuAfter.remote, cpuBefore.remote),
+      contender: result.cpu,
+    },
     ok: failure === undefined,
     failure,
     identical: check.identical,
@@ -523,6 +602,11 @@ async function measure(
 
 // ---------------------------------------------------------------------------------------
 // Report
+
+function cpuText(cpu: Outcome["cpu"]): string {
+  const s = (n?: number) => (n === undefined ? "?" : n.toFixed(1));
+  return `${s(cpu.local)} + ${s(cpu.remote)} + ${s(cpu.contender)}`;
+}
 
 function rssText(kib: number[]): string {
   return kib.map((k) => (k / 1024).toFixed(0)).join(" + ") + " MiB";
@@ -580,8 +664,8 @@ function table(outcomes: Outcome[], rows: number, copyBytes: number | undefined)
   const pipe = outcomes.find((o) => o.key === "pipe" && o.ok);
   const pipeRate = pipe ? rows / pipe.seconds : undefined;
   const lines = [
-    "| contender | batch | wall s | in-process s | rows/s | MB/s | vs (a) | peak RSS | values | result |",
-    "|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    "| contender | batch | wall s | in-process s | rows/s | MB/s | vs (a) | CPU s local + remote + contender | peak RSS | values | result |",
+    "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
   ];
   for (const o of outcomes) {
     const rate = rows / o.seconds;
@@ -593,6 +677,7 @@ function table(outcomes: Outcome[], rows: number, copyBytes: number | undefined)
       o.ok ? Math.round(rate).toLocaleString("en-US") : "-",
       o.ok && copyBytes ? (copyBytes / 1e6 / o.seconds).toFixed(1) : "-",
       o.ok && pipeRate ? (rate / pipeRate).toFixed(2) : "-",
+      cpuText(o.cpu),
       rssText(o.peakKib),
       o.ok ? (o.identical ? "identical" : "DIFFER") : "-",
       o.ok ? "ok" : `FAILED: ${o.failure?.split("\n")[0].slice(0, 120)}`,
@@ -739,6 +824,9 @@ async function main(): Promise<number> {
       remoteUrl,
       columns,
       templateFingerprint: await fingerprint(local, TEMPLATE, columns),
+      dataDirs: servers.length === 2
+        ? { local: `${servers[0].dir}/data`, remote: `${servers[1].dir}/data` }
+        : undefined,
     };
 
     if (opts.rttMs > 0) {
@@ -859,6 +947,9 @@ async function main(): Promise<number> {
       }) over wall time; MB = 10^6 bytes`,
       "- wall s: from spawn to exit of the contender's process(es), start-up included; " +
       "in-process s: the cycle's own figure (meter-sync's summary log line, the baseline's timer)",
+      "- CPU s: CPU time during the run of the local server, the remote server (every process of " +
+      "each embedded server; ? with given URLs) and the contender's process(es); the machine has " +
+      `${info.cpus} CPUs, so a run of W wall seconds has at most ${info.cpus}W to share`,
       "- peak RSS: VmHWM of each process (the two psql processes of (a): sender + receiver)",
       "- values: a hash of every remote row in PostgreSQL's text form equals the seeded rows'",
       "",
