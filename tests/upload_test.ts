@@ -54,6 +54,34 @@ Deno.test("upload() sends the oldest readings first, by createdat then id (G3)",
   assert.deepEqual(order.map((id) => id.slice(-1)), ["9", "1", "2", "3", "0"]);
 });
 
+Deno.test("a reading that arrives mid-cycle with an old createdat still goes in the same cycle", async () => {
+  // Each claim starts past the batch in flight; the queue counts as empty only when a claim
+  // from the start finds nothing, so a late reading older than that point is not left behind.
+  await using p = await pair(300);
+  const late = "00000000-0000-0000-0000-00000000abcd";
+  // The gateway writes it while the first batch commits (a trigger on that batch's delete,
+  // once), so it is in the queue from the second batch on, older than everything there.
+  await p.local.sql.unsafe(`
+    CREATE TABLE late_once (done boolean NOT NULL);
+    INSERT INTO late_once VALUES (false);
+    CREATE FUNCTION add_late() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NOT (SELECT done FROM late_once) THEN
+        UPDATE late_once SET done = true;
+        INSERT INTO meter_readings (id, meter_id, createdat, status)
+        SELECT '${late}', id, '2020-01-01 00:00:00+00', 'late' FROM meters LIMIT 1;
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER add_late AFTER DELETE ON meter_readings
+      FOR EACH STATEMENT EXECUTE FUNCTION add_late();`);
+  const result = await upload(p.deps(), { batchSize: 100 });
+  assert.equal(result.uploaded, 301);
+  assert.equal(await count(p.local.sql), 0);
+  const [row] = await p.remote.sql`SELECT status FROM meter_readings WHERE id = ${late}`;
+  assert.equal(row?.status, "late");
+});
+
 Deno.test("upload() leaves readings marked is_synchronized alone", async () => {
   await using p = await pair(20);
   await p.local.sql`
