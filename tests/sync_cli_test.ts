@@ -199,9 +199,11 @@ Deno.test("peak memory does not grow with the backlog (G8)", async () => {
       Math.round(largeKb / 1024)
     } MB for 100,000 rows`,
   );
-  // 80,000 more readings are ~90 MB of data: memory that grew with the backlog would
-  // show; garbage-collector slack stays well under 30 MB.
-  assert.ok(largeKb < smallKb + 30 * 1024, `${smallKb} kB -> ${largeKb} kB`);
+  // 80,000 more readings are ~90 MB of data, held two or three times over (COPY buffer,
+  // rows, payload) by an agent whose memory grew with the backlog. Garbage-collector slack
+  // measured here: up to 27 MB more for the longer run (the heap grows with the run's
+  // length, not its backlog: 1,000,000 readings peak at 107 MiB in the bench).
+  assert.ok(largeKb < smallKb + 40 * 1024, `${smallKb} kB -> ${largeKb} kB`);
 });
 
 Deno.test("soak: thousands of batches through the COPY path, with a watchdog against driver hangs", async () => {
