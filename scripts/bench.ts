@@ -32,6 +32,8 @@ const HELP = `deno task bench [flags]
   --batch-sizes LIST    batch sizes tried for meter-sync's best (default ${DEFAULT_BATCH_SIZES})
   --only LIST           contenders to run: pipe,sync,original (default all three)
   --parallel N          meter-sync's --parallel: upload lanes in flight at once (default 1)
+  --repeat N            run each contender N times and report the median run (default 1): a
+                        shared machine's figures vary by a fifth from one run to the next
   --memory              only meter-sync, with a ${MEMORY_ROWS}-row backlog, at batch sizes 100
                         and ${
   Math.max(...DEFAULT_BATCH_SIZES)
@@ -54,6 +56,7 @@ interface Options {
   allowTruncate: boolean;
   results?: string;
   parallel: number;
+  repeat: number;
 }
 
 function fail(message: string): never {
@@ -76,6 +79,7 @@ function parseOptions(args: string[]): Options {
       "batch-sizes": { type: "string" },
       only: { type: "string" },
       parallel: { type: "string", default: "1" },
+      repeat: { type: "string", default: "1" },
       memory: { type: "boolean", default: false },
       "no-psql": { type: "boolean", default: false },
       "local-url": { type: "string" },
@@ -125,6 +129,7 @@ function parseOptions(args: string[]): Options {
     allowTruncate: values["allow-truncate"],
     results: values["no-results"] ? undefined : values.results,
     parallel: positiveInt(values.parallel, "--parallel"),
+    repeat: positiveInt(values.repeat, "--repeat"),
   };
 }
 
@@ -457,6 +462,8 @@ interface Outcome {
   /** Seconds measured inside the process (without its start-up), when it says. */
   innerSeconds?: number;
   peakKib: number[];
+  /** Wall seconds of every run (--repeat); the outcome is the median one. */
+  runs: number[];
   /** CPU seconds during the run: each server (embedded only) and the contender's processes. */
   cpu: { local?: number; remote?: number; contender: number };
   ok: boolean;
@@ -555,7 +562,26 @@ function runOriginal(b: Bench, remoteUrl: string, batchSize: number): Promise<Pr
   ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
 }
 
+/** Runs a contender `repeat` times; the median run by wall time (a failed run if any failed). */
 async function measure(
+  b: Bench,
+  rows: number,
+  spec: { key: string; label: string; batchSize?: number },
+  run: () => Promise<ProcessRun>,
+  repeat: number,
+): Promise<Outcome> {
+  const outcomes: Outcome[] = [];
+  for (let i = 0; i < repeat; i++) {
+    const outcome = await measureOnce(b, rows, spec, run);
+    if (!outcome.ok) return outcome;
+    outcomes.push(outcome);
+  }
+  const runs = outcomes.map((o) => o.seconds);
+  const median = [...outcomes].sort((x, y) => x.seconds - y.seconds)[(repeat - 1) >> 1];
+  return { ...median, runs };
+}
+
+async function measureOnce(
   b: Bench,
   rows: number,
   spec: { key: string; label: string; batchSize?: number },
@@ -579,6 +605,7 @@ async function measure(
   const outcome: Outcome = {
     ...spec,
     seconds: result.seconds,
+    runs: [result.seconds],
     innerSeconds,
     peakKib: result.peakKib,
     cpu: {
@@ -672,7 +699,11 @@ function table(outcomes: Outcome[], rows: number, copyBytes: number | undefined)
     const cells = [
       o.label,
       o.batchSize === undefined ? "-" : String(o.batchSize),
-      o.seconds.toFixed(2),
+      o.runs.length > 1
+        ? `${o.seconds.toFixed(2)} (${Math.min(...o.runs).toFixed(2)}-${
+          Math.max(...o.runs).toFixed(2)
+        })`
+        : o.seconds.toFixed(2),
       o.innerSeconds === undefined ? "-" : o.innerSeconds.toFixed(2),
       o.ok ? Math.round(rate).toLocaleString("en-US") : "-",
       o.ok && copyBytes ? (copyBytes / 1e6 / o.seconds).toFixed(1) : "-",
@@ -887,6 +918,7 @@ async function main(): Promise<number> {
           rows,
           { key: "pipe", label: pipeLabel },
           () => runPipe(bench, contenderRemote, usePsql),
+          opts.repeat,
         ),
       );
     }
@@ -907,6 +939,7 @@ async function main(): Promise<number> {
               batchSize: size,
             },
             () => runSync(bench, contenderRemote, size, opts.parallel),
+            opts.repeat,
           ),
         );
       }
@@ -918,6 +951,7 @@ async function main(): Promise<number> {
           rows,
           { key: "original", label: "(c) original design", batchSize: 100 },
           () => runOriginal(bench, contenderRemote, 100),
+          opts.repeat,
         ),
       );
     }
@@ -945,7 +979,11 @@ async function main(): Promise<number> {
           ? `${(mb / 1e6).toFixed(1)} MB, counted in the pipe of (a)`
           : "not measured: (a) did not run"
       }) over wall time; MB = 10^6 bytes`,
-      "- wall s: from spawn to exit of the contender's process(es), start-up included; " +
+      "- wall s: from spawn to exit of the contender's process(es), start-up included" +
+      (opts.repeat > 1
+        ? ` (the median of ${opts.repeat} runs, which the other columns describe; in brackets the fastest and slowest)`
+        : "") +
+      "; " +
       "in-process s: the cycle's own figure (meter-sync's summary log line, the baseline's timer)",
       "- CPU s: CPU time during the run of the local server, the remote server (every process of " +
       "each embedded server; ? with given URLs) and the contender's process(es); the machine has " +
