@@ -591,6 +591,9 @@ async function measureOnce(
   console.log(`\n${spec.label}: reset in ${resetSeconds.toFixed(1)} s, running ...`);
   const cpuBefore = await serversCpu(b);
   const result = await run();
+  // The contender's backends exit with it; once the postmaster has reaped them their time is in
+  // its children's total. A snapshot taken in between would miss them.
+  await new Promise((r) => setTimeout(r, 300));
   const cpuAfter = await serversCpu(b);
   const delta = (after?: number, before?: number) =>
     after === undefined || before === undefined ? undefined : after - before;
