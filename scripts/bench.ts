@@ -872,10 +872,11 @@ async function main(): Promise<number> {
       console.log(
         `remote reached through a delaying proxy on 127.0.0.1:${proxy.port} (rtt ${opts.rttMs} ms)`,
       );
-      const perBatch = 4 * opts.rttMs / 1000;
-      const slow = (opts.contenders.has("sync") ? 1 : 0) +
-        (opts.contenders.has("original") ? 1 : 0);
-      const minutes = (slow * Math.ceil(opts.rows / 100) * perBatch) / 60;
+      // Round trips per batch of 100, measured behind 50 ms: meter-sync about 2.3 (its COPY
+      // starting and ending, with the local work between), the original design about 5.
+      const trips = (opts.contenders.has("sync") ? 2.3 / opts.parallel : 0) +
+        (opts.contenders.has("original") ? 5 : 0);
+      const minutes = (opts.repeat * Math.ceil(opts.rows / 100) * trips * opts.rttMs / 1000) / 60;
       if (minutes > 5) {
         console.log(
           `  note: at batch size 100 every batch costs several round trips; expect roughly ${
