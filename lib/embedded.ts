@@ -113,10 +113,19 @@ export function reapOrphans(): void {
   }
 }
 
+/** The PID of the server of a folder (EmbeddedServer.dir), from postmaster.pid; undefined when none runs. */
+export function postmasterPid(dir: string): number | undefined {
+  try {
+    return Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]) || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Immediate shutdown (SIGQUIT) of the folder's server, if one runs, then the folder goes. */
 function destroySync(dir: string): void {
   try {
-    const postmaster = Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]);
+    const postmaster = postmasterPid(dir);
     if (postmaster && processAlive(postmaster)) Deno.kill(postmaster, "SIGQUIT");
   } catch {
     // no server running there

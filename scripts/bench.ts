@@ -9,13 +9,14 @@ import { parseArgs } from "node:util";
 import { quoteIdent, readTable } from "../lib/columns.ts";
 import { connect, type Sql } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
-import { type EmbeddedServer, startEmbeddedServer } from "../lib/embedded.ts";
+import { type EmbeddedServer, postmasterPid, startEmbeddedServer } from "../lib/embedded.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { parseDuration } from "../lib/duration.ts";
 import { type DelayProxy, startDelayProxy } from "./delay_proxy.ts";
 import { childEnv, shippedFlags } from "./shipped_flags.ts";
+import { peakRssKib, procStat } from "./proc.ts";
 
 const TABLE = "meter_readings";
 /** The seeded backlog, kept aside so that every contender starts from the same rows. */
@@ -136,55 +137,13 @@ function parseOptions(args: string[]): Options {
 // ---------------------------------------------------------------------------------------
 // Processes: wall time and peak RSS
 
-/** Reads a process's peak resident set size (VmHWM) in KiB, or undefined once it is gone. */
-async function peakRssKib(pid: number): Promise<number | undefined> {
-  try {
-    const status = await Deno.readTextFile(`/proc/${pid}/status`);
-    const m = /^VmHWM:\s+(\d+) kB/m.exec(status);
-    return m ? Number(m[1]) : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** Clock ticks per second of /proc/PID/stat (USER_HZ: 100 on every Linux we ship to). */
-const TICKS = 100;
-
-interface ProcStat {
-  ppid: number;
-  /** utime + stime: CPU seconds of the process itself (all its threads). */
-  cpu: number;
-  /** cutime + cstime: CPU seconds of its children that have exited and been reaped. */
-  childrenCpu: number;
-}
-
-/** /proc/PID/stat, or undefined once the process is gone. */
-async function procStat(pid: number): Promise<ProcStat | undefined> {
-  try {
-    const text = await Deno.readTextFile(`/proc/${pid}/stat`);
-    // Fields after the command name, which may hold spaces and parentheses.
-    const f = text.slice(text.lastIndexOf(")") + 2).split(" ");
-    return {
-      ppid: Number(f[1]),
-      cpu: (Number(f[11]) + Number(f[12])) / TICKS,
-      childrenCpu: (Number(f[13]) + Number(f[14])) / TICKS,
-    };
-  } catch {
-    return undefined;
-  }
-}
-
 /**
  * CPU seconds used so far by a PostgreSQL server: the postmaster, its live processes
  * (backends, WAL writer, checkpointer, ...) and the ones it has reaped.
  */
-async function serverCpuSeconds(dataDir: string): Promise<number | undefined> {
-  let postmaster: number;
-  try {
-    postmaster = Number((await Deno.readTextFile(`${dataDir}/postmaster.pid`)).split("\n")[0]);
-  } catch {
-    return undefined;
-  }
+async function serverCpuSeconds(serverDir: string): Promise<number | undefined> {
+  const postmaster = postmasterPid(serverDir);
+  if (postmaster === undefined) return undefined;
   const main = await procStat(postmaster);
   if (!main) return undefined;
   let total = main.cpu + main.childrenCpu;
@@ -414,8 +373,8 @@ interface Bench {
   templateFingerprint: string;
   /** Binary COPY size of the backlog (remote columns), measured once. */
   copyBytes?: number;
-  /** Data folders of the embedded servers, whose CPU time is measured (not with given URLs). */
-  dataDirs?: { local: string; remote: string };
+  /** Folders of the embedded servers, whose CPU time is measured (not with given URLs). */
+  serverDirs?: { local: string; remote: string };
 }
 
 async function resetDatabases(b: Bench): Promise<number> {
@@ -473,10 +432,10 @@ interface Outcome {
 
 /** CPU seconds of both embedded servers so far (undefined with given URLs). */
 async function serversCpu(b: Bench): Promise<{ local?: number; remote?: number }> {
-  if (!b.dataDirs) return {};
+  if (!b.serverDirs) return {};
   return {
-    local: await serverCpuSeconds(b.dataDirs.local),
-    remote: await serverCpuSeconds(b.dataDirs.remote),
+    local: await serverCpuSeconds(b.serverDirs.local),
+    remote: await serverCpuSeconds(b.serverDirs.remote),
   };
 }
 
@@ -858,8 +817,8 @@ async function main(): Promise<number> {
       remoteUrl,
       columns,
       templateFingerprint: await fingerprint(local, TEMPLATE, columns),
-      dataDirs: servers.length === 2
-        ? { local: `${servers[0].dir}/data`, remote: `${servers[1].dir}/data` }
+      serverDirs: servers.length === 2
+        ? { local: servers[0].dir, remote: servers[1].dir }
         : undefined,
     };
 

@@ -114,3 +114,33 @@ export const SPEC_STATUS_KEYS = [
   "last_success_at",
   "last_error",
 ] as const;
+
+/** A TCP server on loopback that accepts connections and never says a word (a half-dead path). */
+export interface SilentServer extends AsyncDisposable {
+  readonly port: number;
+  /** Connections accepted so far. */
+  readonly accepted: number;
+}
+
+export function silentServer(): SilentServer {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    try {
+      for await (const conn of listener) held.push(conn);
+    } catch {
+      // the listener was closed
+    }
+  })();
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    get accepted() {
+      return held.length;
+    },
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      await accepting;
+      for (const conn of held) conn.close();
+    },
+  };
+}

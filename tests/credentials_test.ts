@@ -6,7 +6,15 @@ import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { ConfigError } from "../lib/errors.ts";
 import { readPasswordFile } from "../lib/password_file.ts";
 import { redactText } from "../lib/redact.ts";
-import { compileFlags, connectTo, freshDb, runCli, server, type TestDb } from "./_harness.ts";
+import {
+  compileFlags,
+  connectTo,
+  freshDb,
+  runCli,
+  server,
+  silentServer,
+  type TestDb,
+} from "./_harness.ts";
 
 /** A folder of password files for one test, removed when it ends. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {
@@ -419,16 +427,8 @@ async function processListOf(pid: number): Promise<{ proc: string; ps: string }>
 /** main.ts, as runCli starts it, left waiting on a server that never answers; its command line. */
 async function commandLineWhileRunning(args: string[]): Promise<{ proc: string; ps: string }> {
   // Accepts and then stays silent: the agent waits for its connect timeout, long enough to look.
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const held: Deno.Conn[] = [];
-  const accepting = (async () => {
-    try {
-      for await (const conn of listener) held.push(conn);
-    } catch {
-      // the listener was closed
-    }
-  })();
-  const port = (listener.addr as Deno.NetAddr).port;
+  await using silent = silentServer();
+  const port = silent.port;
   const main = new URL("../main.ts", import.meta.url).pathname;
   const child = new Deno.Command(Deno.execPath(), {
     args: [
@@ -446,7 +446,7 @@ async function commandLineWhileRunning(args: string[]): Promise<{ proc: string; 
   }).spawn();
   try {
     // Once the agent has connected it is surely past start-up, with its arguments in place.
-    for (let i = 0; held.length === 0; i++) {
+    for (let i = 0; silent.accepted === 0; i++) {
       if (i > 600) throw new Error("main.ts never connected");
       await new Promise((r) => setTimeout(r, 50));
     }
@@ -454,9 +454,6 @@ async function commandLineWhileRunning(args: string[]): Promise<{ proc: string; 
   } finally {
     child.kill("SIGKILL");
     const out = await child.output();
-    listener.close();
-    await accepting;
-    for (const conn of held) conn.close();
     const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
     assert.ok(!text.includes("Ps-Secret"), `the password shows in the output:\n${text}`);
   }

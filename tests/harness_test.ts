@@ -1,7 +1,7 @@
 /** Tests of tests/_harness.ts and lib/embedded.ts: isolation, loopback, orphan reaping, restart. */
 import assert from "node:assert/strict";
 import { connectTo, freshDb, server } from "./_harness.ts";
-import { reapOrphans } from "../lib/embedded.ts";
+import { postmasterPid as pidOf, reapOrphans } from "../lib/embedded.ts";
 
 function tempRoot(): string {
   return Deno.env.get("TMPDIR") ?? "/tmp";
@@ -35,7 +35,9 @@ async function deadPid(): Promise<number> {
 }
 
 function postmasterPid(dir: string): number {
-  return Number(Deno.readTextFileSync(`${dir}/data/postmaster.pid`).split("\n")[0]);
+  const pid = pidOf(dir);
+  assert.ok(pid, `no postmaster.pid in ${dir}/data`);
+  return pid;
 }
 
 async function waitFor(what: string, ok: () => boolean, ms = 10_000): Promise<void> {

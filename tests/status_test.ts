@@ -1,6 +1,13 @@
 /** Tests of lib/status.ts readStatus/formatStatus against a real local database, and `status --json`. */
 import assert from "node:assert/strict";
-import { freshDb, runCli, SPEC_STATUS_KEYS, type Sql, type TestDb } from "./_harness.ts";
+import {
+  freshDb,
+  runCli,
+  silentServer,
+  SPEC_STATUS_KEYS,
+  type Sql,
+  type TestDb,
+} from "./_harness.ts";
 import { count, pair } from "./_sync_fixture.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { freePort } from "../lib/embedded.ts";
@@ -521,33 +528,23 @@ Deno.test("a remote that accepts the connection but never answers: status gives 
   await using db = await migratedDb();
   await recordRun(db.sql, run({ finishedAt: new Date(), uploaded: 1 }));
   // A TCP server that accepts and then says nothing, like a half-dead firewall path.
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const held: Deno.Conn[] = [];
-  const accepting = (async () => {
-    for await (const conn of listener) held.push(conn);
-  })();
-  try {
-    const port = (listener.addr as Deno.NetAddr).port;
-    const started = Date.now();
-    const s = await statusJson({
-      LOCAL_DATABASE_URL: db.url,
-      // Without status's own limit, this would wait a minute.
-      REMOTE_DATABASE_URL:
-        `postgres://agent:Very%23Secret@127.0.0.1:${port}/central?connect_timeout=60`,
-    });
-    const elapsed = Date.now() - started;
-    assert.equal(s.code, 0);
-    assert.equal(s.report.remote.reachable, false);
-    assert.match(s.report.remote.error, /time|no answer/i);
-    assert.ok(!/Very|Secret/.test(JSON.stringify(s.report)));
-    // ~3 s of probe plus the CLI's start-up (slow on a loaded machine), far from a minute.
-    assert.ok(elapsed >= 2900, `${elapsed} ms`);
-    assert.ok(elapsed < 30_000, `${elapsed} ms`);
-  } finally {
-    listener.close();
-    await accepting.catch(() => {});
-    for (const c of held) c.close();
-  }
+  await using silent = silentServer();
+  const port = silent.port;
+  const started = Date.now();
+  const s = await statusJson({
+    LOCAL_DATABASE_URL: db.url,
+    // Without status's own limit, this would wait a minute.
+    REMOTE_DATABASE_URL:
+      `postgres://agent:Very%23Secret@127.0.0.1:${port}/central?connect_timeout=60`,
+  });
+  const elapsed = Date.now() - started;
+  assert.equal(s.code, 0);
+  assert.equal(s.report.remote.reachable, false);
+  assert.match(s.report.remote.error, /time|no answer/i);
+  assert.ok(!/Very|Secret/.test(JSON.stringify(s.report)));
+  // ~3 s of probe plus the CLI's start-up (slow on a loaded machine), far from a minute.
+  assert.ok(elapsed >= 2900, `${elapsed} ms`);
+  assert.ok(elapsed < 30_000, `${elapsed} ms`);
 });
 
 Deno.test("readRemoteStatus() reads this agent's sync_agents row when the remote has the table", async () => {
@@ -581,34 +578,24 @@ Deno.test("readRemoteStatus() reads this agent's sync_agents row when the remote
 });
 
 Deno.test("readRemoteStatus() masks the password in the error and answers within its time limit", async () => {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const held: Deno.Conn[] = [];
-  const accepting = (async () => {
-    for await (const conn of listener) held.push(conn);
-  })();
-  try {
-    const port = (listener.addr as Deno.NetAddr).port;
-    const target = parseDatabaseUrl(
-      `postgres://agent:Very%23Secret@127.0.0.1:${port}/central`,
+  await using silent = silentServer();
+  const port = silent.port;
+  const target = parseDatabaseUrl(
+    `postgres://agent:Very%23Secret@127.0.0.1:${port}/central`,
+    "REMOTE_DATABASE_URL",
+  );
+  const started = performance.now();
+  const r = await readRemoteStatus(target, { timeoutMs: 400 });
+  const elapsed = performance.now() - started;
+  assert.equal(r.reachable, false);
+  assert.ok(elapsed < 2000, `${elapsed} ms`);
+  assert.ok(r.error && !/Very|Secret/.test(r.error), r.error);
+  const refused = await readRemoteStatus(
+    parseDatabaseUrl(
+      `postgres://agent:Very%23Secret@127.0.0.1:${freePort()}/central`,
       "REMOTE_DATABASE_URL",
-    );
-    const started = performance.now();
-    const r = await readRemoteStatus(target, { timeoutMs: 400 });
-    const elapsed = performance.now() - started;
-    assert.equal(r.reachable, false);
-    assert.ok(elapsed < 2000, `${elapsed} ms`);
-    assert.ok(r.error && !/Very|Secret/.test(r.error), r.error);
-    const refused = await readRemoteStatus(
-      parseDatabaseUrl(
-        `postgres://agent:Very%23Secret@127.0.0.1:${freePort()}/central`,
-        "REMOTE_DATABASE_URL",
-      ),
-    );
-    assert.equal(refused.reachable, false);
-    assert.ok(refused.error && !/Very|Secret/.test(refused.error), refused.error);
-  } finally {
-    listener.close();
-    await accepting.catch(() => {});
-    for (const c of held) c.close();
-  }
+    ),
+  );
+  assert.equal(refused.reachable, false);
+  assert.ok(refused.error && !/Very|Secret/.test(refused.error), refused.error);
 });

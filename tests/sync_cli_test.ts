@@ -10,6 +10,7 @@ import {
   waitFor,
 } from "./_agent.ts";
 import { runCli } from "./_harness.ts";
+import { peakRssKib } from "../scripts/proc.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
 /** Peak resident memory (VmHWM, kB) of a running process, polled until it exits. */
@@ -18,13 +19,7 @@ async function peakRss(child: Deno.ChildProcess): Promise<number> {
   let done = false;
   child.status.then(() => (done = true));
   while (!done) {
-    try {
-      const status = await Deno.readTextFile(`/proc/${child.pid}/status`);
-      const hwm = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? 0);
-      peak = Math.max(peak, hwm);
-    } catch {
-      // exited between two polls
-    }
+    peak = Math.max(peak, (await peakRssKib(child.pid)) ?? 0); // undefined: exited between polls
     await new Promise((r) => setTimeout(r, 20));
   }
   return peak;
