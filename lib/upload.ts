@@ -348,15 +348,15 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       done.catch(() => {}); // awaited by whoever holds the claim
     });
 
-  /** The prefetched claim of the next batch, taken while the current one travels. */
-  let prefetched: Promise<Claim | undefined> | undefined;
-  /** Whether that claim started past the batch in flight (see Statements.claim). */
-  let prefetchedBounded = false;
+  /**
+   * The prefetched claim of the next batch, taken while the current one travels; `bounded`
+   * when it started past that batch (see Statements.claim).
+   */
+  let prefetched: { claim: Promise<Claim | undefined>; bounded: boolean } | undefined;
   const dropPrefetched = async () => {
     const p = prefetched;
     prefetched = undefined;
-    prefetchedBounded = false;
-    const c = await p?.catch(() => undefined);
+    const c = await p?.claim.catch(() => undefined);
     if (c) {
       c.finish(new Error("abandoned"));
       await c.done.catch(() => {});
@@ -375,11 +375,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   const runBatch = async (): Promise<Delivery | undefined> => {
     let current: Claim | undefined;
     try {
-      const bounded = prefetchedBounded;
-      current = await (prefetched ?? claim());
+      const taken = prefetched;
       prefetched = undefined;
-      prefetchedBounded = false;
-      if (!current && bounded) {
+      current = await (taken?.claim ?? claim());
+      if (!current && taken?.bounded) {
         // Nothing past the batch before; rows older than it may still wait (a reading that
         // came late with an old createdat, rows another agent rolled back): the queue is empty
         // only when a claim from the start finds nothing. Its scan waits for that commit.
@@ -387,8 +386,6 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         current = await claim();
       }
     } catch (err) {
-      prefetched = undefined;
-      prefetchedBounded = false;
       await settlePrevious(); // a failed local commit outranks the claim's error
       throw err;
     }
@@ -408,12 +405,12 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       const more = options.maxBatches === undefined || result.batches + 1 < options.maxBatches;
       if (more && !deps.signal?.aborted) {
         const last = current.batch.keys[current.batch.keys.length - 1];
-        prefetchedBounded = UUID.test(last);
-        prefetched = claim(prefetchedBounded ? last : undefined);
-        prefetched.catch(() => {}); // awaited by the next batch, or dropped
+        const bounded = UUID.test(last);
+        prefetched = { claim: claim(bounded ? last : undefined), bounded };
+        prefetched.claim.catch(() => {}); // awaited by the next batch, or dropped
       }
       await delivering;
-      await prefetched?.catch(() => {}); // its scan is over: now this batch may commit
+      await prefetched?.claim.catch(() => {}); // its scan is over: now this batch may commit
       current.finish(out);
     } catch (err) {
       await delivering.catch(() => {});
