@@ -54,6 +54,7 @@ export interface TableInfo {
  * `name` is a plain table name, matched exactly (capitals, spaces and quotes included).
  */
 export async function readTable(sql: Sql, name: string): Promise<TableInfo | undefined> {
+  // One statement, not four in a row: behind a slow link each one costs two round trips.
   const found = await sql<
     {
       oid: string;
@@ -66,61 +67,66 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       can_insert: boolean;
       can_update: boolean;
       can_delete: boolean;
+      cols: {
+        name: string;
+        type: string;
+        not_null: boolean;
+        has_default: boolean;
+        generated: boolean;
+        builtin: boolean;
+      }[];
+      keys: { name: string; primary: boolean }[];
+      pk: string[];
     }[]
   >`
-    SELECT c.oid::text AS oid, n.nspname AS schema,
+    WITH rel AS (
+      SELECT c.oid, n.nspname
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+       WHERE c.relname = ${name}
+         AND c.relkind IN ('r', 'p')
+         AND n.nspname = ANY (current_schemas(false))
+       ORDER BY array_position(current_schemas(false), n.nspname)
+       LIMIT 1)
+    SELECT rel.oid::text AS oid, rel.nspname AS schema,
            current_database() AS database, current_user AS "user",
            current_setting('default_transaction_read_only') = 'on' AS default_read_only,
            pg_is_in_recovery() AS standby,
-           has_any_column_privilege(c.oid, 'SELECT') AS can_select,
-           has_any_column_privilege(c.oid, 'INSERT') AS can_insert,
-           has_any_column_privilege(c.oid, 'UPDATE') AS can_update,
-           has_table_privilege(c.oid, 'DELETE') AS can_delete
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relname = ${name}
-       AND c.relkind IN ('r', 'p')
-       AND n.nspname = ANY (current_schemas(false))
-     ORDER BY array_position(current_schemas(false), n.nspname)
-     LIMIT 1`;
+           has_any_column_privilege(rel.oid, 'SELECT') AS can_select,
+           has_any_column_privilege(rel.oid, 'INSERT') AS can_insert,
+           has_any_column_privilege(rel.oid, 'UPDATE') AS can_update,
+           has_table_privilege(rel.oid, 'DELETE') AS can_delete,
+           (SELECT coalesce(json_agg(json_build_object(
+                     'name', a.attname,
+                     'builtin', a.atttypid < 16384 AND t.typelem < 16384,
+                     'type', format_type(a.atttypid, a.atttypmod),
+                     'not_null', a.attnotnull,
+                     'has_default', a.atthasdef OR a.attidentity <> '',
+                     'generated', a.attgenerated <> '' OR a.attidentity = 'a')
+                   ORDER BY a.attnum), '[]')
+              FROM pg_catalog.pg_attribute a
+              JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = rel.oid AND a.attnum > 0 AND NOT a.attisdropped) AS cols,
+           (SELECT coalesce(json_agg(json_build_object('name', a.attname,
+                                                       'primary', i.indisprimary)
+                   ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)), '[]')
+              FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
+               AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1])
+             WHERE i.indrelid = rel.oid AND i.indisunique AND i.indisvalid
+               AND (i.indisprimary
+                    OR (i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL))) AS keys,
+           (SELECT coalesce(json_agg(a.attname ORDER BY k.ord), '[]')
+              FROM pg_catalog.pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = rel.oid AND i.indisprimary AND k.ord <= i.indnkeyatts) AS pk
+      FROM rel`;
   if (found.length === 0) return undefined;
   const t = found[0];
-  const oid = t.oid;
-  const cols = await sql<
-    {
-      name: string;
-      type: string;
-      not_null: boolean;
-      has_default: boolean;
-      generated: boolean;
-      builtin: boolean;
-    }[]
-  >`
-    SELECT a.attname AS name,
-           (a.atttypid < 16384 AND t.typelem < 16384) AS builtin,
-           format_type(a.atttypid, a.atttypmod) AS type,
-           a.attnotnull AS not_null,
-           (a.atthasdef OR a.attidentity <> '') AS has_default,
-           (a.attgenerated <> '' OR a.attidentity = 'a') AS generated
-      FROM pg_catalog.pg_attribute a
-      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-     WHERE a.attrelid = ${oid}::oid AND a.attnum > 0 AND NOT a.attisdropped
-     ORDER BY a.attnum`;
-  const keys = await sql<{ name: string; primary: boolean }[]>`
-    SELECT a.attname AS name, i.indisprimary AS primary
-      FROM pg_catalog.pg_index i
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid
-       AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1])
-     WHERE i.indrelid = ${oid}::oid AND i.indisunique AND i.indisvalid
-       AND (i.indisprimary OR (i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL))
-     ORDER BY i.indisprimary DESC, array_position(i.indkey::int2[], a.attnum)`;
-  const pkRows = await sql<{ name: string }[]>`
-    SELECT a.attname AS name
-      FROM pg_catalog.pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = ${oid}::oid AND i.indisprimary AND k.ord <= i.indnkeyatts
-     ORDER BY k.ord`;
+  const cols = t.cols;
+  const keys = t.keys;
+  const pkRows = t.pk.map((name) => ({ name }));
   const uniqueColumns = [
     ...new Set(keys.filter((k) => !k.primary || pkRows.length === 1).map((k) => k.name)),
   ];
