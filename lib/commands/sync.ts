@@ -79,6 +79,8 @@ export async function runCycle(
   let partial: UploadResult = EMPTY;
   let downloaded = 0;
   let error: unknown;
+  /** Set when the cycle went through and its bookkeeping is done. */
+  let booked: { finishedAt: Date; status: StatusReport | null } | undefined;
   try {
     // No ping first: a database that does not answer yet is a transient fault, retried.
     await withPools(config, async (pools) => {
@@ -128,68 +130,46 @@ export async function runCycle(
       if (config.command !== "upload" && !result.stopped && !ctx.signal.aborted) {
         downloaded = await downloadTables(config, pools.local.sql, pools.remote.sql);
       }
+      // The cycle went through: its bookkeeping uses the open pools (a fresh connection to
+      // the remote costs several round trips on a slow link). Best effort, never a failure.
+      const finishedAt = new Date(ctx.clock.now());
+      const entry: CycleEntry = { outcome: "ok", startedAt, finishedAt, up: result, downloaded };
+      const status = await recordLocally(config, pools.local.sql, entry)
+        .catch((err) => localNotRecorded(err, "ok"));
+      if (config.agentId) {
+        await recordHeartbeatOf(config, pools.remote.sql, entry, status)
+          .catch(heartbeatNotRecorded);
+      }
+      booked = { finishedAt, status };
     });
   } catch (err) {
     error = err;
   }
-  const finishedAt = new Date(ctx.clock.now());
   const outcome = error === undefined ? "ok" : "failed";
+  let queue = booked?.status ?? null;
+  let finishedAt = booked?.finishedAt;
   const up: UploadResult = result ?? partial;
-  const message = error === undefined ? null : describeError(error);
-
-  // Bookkeeping, best effort: when a database is what failed, there is nowhere to write.
-  let status: StatusReport | null = null;
-  await withDatabases({ ...config, remote: undefined }, async ({ local }) => {
-    await recordRun(local!, {
-      command: config.command,
-      startedAt,
-      finishedAt,
-      outcome,
-      uploaded: up.uploaded,
-      deleted: up.deleted,
-      skipped: up.skipped,
-      batches: up.batches,
-      quarantined: up.quarantined,
-      downloaded,
-      ...(message === null ? {} : { error: message }),
-    });
-    status = await readStatus(local!, config.table);
-  }).catch((err) => {
-    // After a failed cycle the cause is reported once, by the caller; a local database
-    // that is missing its tables or read-only fails here too, and saying so again would
-    // make a second line for one fault.
-    const said = { error: describeError(err) };
-    if (outcome === "failed") {
-      log.debug("could not record the cycle in the local history: {error}", said);
-    } else log.warn("could not record the cycle in the local history: {error}", said);
-  });
-  const queue = status as StatusReport | null;
-  if (config.agentId && config.remote) {
-    const remote = { ...config.remote, connectTimeout: Math.min(config.remote.connectTimeout, 5) };
-    await withDatabases({ ...config, local: undefined, remote }, async (dbs) => {
-      await recordHeartbeat(dbs.remote!, {
-        agentId: config.agentId!,
-        version: VERSION,
-        startedAt,
-        finishedAt,
-        outcome,
-        uploaded: up.uploaded,
-        downloaded,
-        queueSize: queue?.queue_size ?? null,
-        quarantined: queue?.quarantined ?? null,
-        error: message,
-      });
-    }).catch((err) => {
-      // Expected while the remote is down; a missing table means migrations are pending.
-      const hint = /sync_agents/.test(describeError(err))
-        ? " (run: meter-sync migrate --target remote)"
-        : "";
-      log.debug("heartbeat not recorded in sync_agents: {error}{hint}", {
-        error: describeError(err),
-        hint,
-      });
-    });
+  if (!booked) {
+    // A failed cycle: when a database is what failed, there is nowhere to write, and a
+    // fresh connection with a short timeout finds out sooner than the cycle's pool would.
+    finishedAt = new Date(ctx.clock.now());
+    const entry: CycleEntry = { outcome, startedAt, finishedAt, up, downloaded, error };
+    queue = await withDatabases(
+      { ...config, remote: undefined },
+      (dbs) => recordLocally(config, dbs.local!, entry),
+    ).catch((err) => localNotRecorded(err, outcome));
+    if (config.agentId && config.remote) {
+      const remote = {
+        ...config.remote,
+        connectTimeout: Math.min(config.remote.connectTimeout, 5),
+      };
+      await withDatabases(
+        { ...config, local: undefined, remote },
+        (dbs) => recordHeartbeatOf(config, dbs.remote!, entry, queue),
+      ).catch(heartbeatNotRecorded);
+    }
   }
+  finishedAt ??= new Date(ctx.clock.now());
 
   if (outcome === "ok") {
     const seconds = (finishedAt.getTime() - startedAt.getTime()) / 1000;
@@ -223,6 +203,76 @@ export async function runCycle(
     status: queue,
     ...(error === undefined ? {} : { error }),
   };
+}
+
+/** What the bookkeeping writes about one cycle. */
+interface CycleEntry {
+  outcome: "ok" | "failed";
+  startedAt: Date;
+  finishedAt: Date;
+  up: UploadResult;
+  downloaded: number;
+  error?: unknown;
+}
+
+/** The local run history, then the queue figures after the cycle. */
+async function recordLocally(config: Config, local: Sql, e: CycleEntry): Promise<StatusReport> {
+  await recordRun(local, {
+    command: config.command,
+    startedAt: e.startedAt,
+    finishedAt: e.finishedAt,
+    outcome: e.outcome,
+    uploaded: e.up.uploaded,
+    deleted: e.up.deleted,
+    skipped: e.up.skipped,
+    batches: e.up.batches,
+    quarantined: e.up.quarantined,
+    downloaded: e.downloaded,
+    ...(e.error === undefined ? {} : { error: describeError(e.error) }),
+  });
+  return await readStatus(local, config.table);
+}
+
+function localNotRecorded(err: unknown, outcome: "ok" | "failed"): null {
+  // After a failed cycle the cause is reported once, by the caller; a local database
+  // that is missing its tables or read-only fails here too, and saying so again would
+  // make a second line for one fault.
+  const said = { error: describeError(err) };
+  if (outcome === "failed") {
+    log.debug("could not record the cycle in the local history: {error}", said);
+  } else log.warn("could not record the cycle in the local history: {error}", said);
+  return null;
+}
+
+async function recordHeartbeatOf(
+  config: Config,
+  remote: Sql,
+  e: CycleEntry,
+  queue: StatusReport | null,
+): Promise<void> {
+  await recordHeartbeat(remote, {
+    agentId: config.agentId!,
+    version: VERSION,
+    startedAt: e.startedAt,
+    finishedAt: e.finishedAt,
+    outcome: e.outcome,
+    uploaded: e.up.uploaded,
+    downloaded: e.downloaded,
+    queueSize: queue?.queue_size ?? null,
+    quarantined: queue?.quarantined ?? null,
+    error: e.error === undefined ? null : describeError(e.error),
+  });
+}
+
+function heartbeatNotRecorded(err: unknown): void {
+  // Expected while the remote is down; a missing table means migrations are pending.
+  const hint = /sync_agents/.test(describeError(err))
+    ? " (run: meter-sync migrate --target remote)"
+    : "";
+  log.debug("heartbeat not recorded in sync_agents: {error}{hint}", {
+    error: describeError(err),
+    hint,
+  });
 }
 
 /** `sync` and `upload`: one cycle; a failure becomes the exit code (main.ts reports it). */
