@@ -103,8 +103,9 @@ export async function withPools<T>(
   config: Config,
   fn: (pools: { local: Pool; remote: Pool }) => Promise<T>,
 ): Promise<T> {
-  // Two local connections: the next batch is claimed while the current one travels.
-  const local = await openPool(config.local!, { ...connectOptions(config, "local"), max: 2 });
+  // Three local connections: the next batch is claimed while the current one travels and
+  // the one before commits.
+  const local = await openPool(config.local!, { ...connectOptions(config, "local"), max: 3 });
   let remote: Pool;
   try {
     remote = await openPool(config.remote!, connectOptions(config, "remote"));

@@ -140,6 +140,8 @@ function copyErrorLine(err: unknown): number | undefined {
 interface Claim {
   batch: CopyBatch;
   bytes: number;
+  /** Claimed past the batch before it: every key is greater than every key of that batch. */
+  ordered: boolean;
   finish: (outcome: Delivery | Error) => void;
   /** Settles when the local transaction has committed (or rolled back). */
   done: Promise<void>;
@@ -322,7 +324,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         const batch = splitRows(data, format);
         if (batch.keys.length === 0) return resolveClaim(undefined);
         claimed = true;
-        resolveClaim({ batch, bytes: data.length, finish, done });
+        resolveClaim({ batch, bytes: data.length, ordered: after !== undefined, finish, done });
         const out = await outcome;
         if (out instanceof Error) throw (abandoned = out); // roll back: the rows stay queued
         try {
@@ -348,11 +350,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       done.catch(() => {}); // awaited by whoever holds the claim
     });
 
-  /**
-   * The prefetched claim of the next batch, taken while the current one travels; `bounded`
-   * when it started past that batch (see Statements.claim).
-   */
-  let prefetched: { claim: Promise<Claim | undefined>; bounded: boolean } | undefined;
+  /** The claim of the next batch, taken while the current one travels. */
+  let prefetched: { claim: Promise<Claim | undefined> } | undefined;
   const dropPrefetched = async () => {
     const p = prefetched;
     prefetched = undefined;
@@ -365,12 +364,17 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
 
   /**
    * One batch: claim (or take the prefetched claim), write remotely, delete locally.
-   * Overlaps, and the one rule that keeps them safe: a claim's scan never runs while an
-   * earlier batch commits. Otherwise the claim's snapshot would miss the quarantine rows
-   * that commit brings, and claim a rejected reading again once its lock is released.
+   * Overlaps, and the one rule that keeps them safe: no claim scans rows that an earlier
+   * batch's commit changes while that commit runs. Otherwise the claim's snapshot would miss
+   * the quarantine rows that commit brings, and claim a rejected reading again once its lock
+   * is released.
    * - the previous batch's local commit runs while this batch is written remotely;
-   * - the next batch is claimed once that commit is in, still during the remote write;
-   * - this batch commits only after that claim's scan has finished.
+   * - the next batch is claimed during the remote write: at once when this batch lay past
+   *   the previous one (the scan starts past this batch, beyond anything that commit
+   *   touches), else once that commit is in;
+   * - when nothing lies past this batch, a claim from the start of the queue follows, still
+   *   during the remote write: the queue is empty only when it finds nothing;
+   * - this batch commits only after those scans have finished.
    */
   const runBatch = async (): Promise<Delivery | undefined> => {
     let current: Claim | undefined;
@@ -378,13 +382,6 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       const taken = prefetched;
       prefetched = undefined;
       current = await (taken?.claim ?? claim());
-      if (!current && taken?.bounded) {
-        // Nothing past the batch before; rows older than it may still wait (a reading that
-        // came late with an old createdat, rows another agent rolled back): the queue is empty
-        // only when a claim from the start finds nothing. Its scan waits for that commit.
-        await settlePrevious();
-        current = await claim();
-      }
     } catch (err) {
       await settlePrevious(); // a failed local commit outranks the claim's error
       throw err;
@@ -401,16 +398,29 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     const delivering = deliver(current.batch, 0, current.batch.keys.length, false, out);
     delivering.catch(() => {}); // awaited below
     try {
-      await settlePrevious();
-      const more = options.maxBatches === undefined || result.batches + 1 < options.maxBatches;
-      if (more && !deps.signal?.aborted) {
-        const last = current.batch.keys[current.batch.keys.length - 1];
-        const bounded = UUID.test(last);
-        prefetched = { claim: claim(bounded ? last : undefined), bounded };
+      const more = () =>
+        !deps.signal?.aborted &&
+        (options.maxBatches === undefined || result.batches + 1 < options.maxBatches);
+      // A key that can go into the claim's text bounds the scan (see Statements.claim).
+      const last = current.batch.keys[current.batch.keys.length - 1];
+      const after = UUID.test(last) ? last : undefined;
+      if (more() && after !== undefined && current.ordered) {
+        prefetched = { claim: claim(after) };
         prefetched.claim.catch(() => {}); // awaited by the next batch, or dropped
       }
+      await settlePrevious();
+      if (more()) {
+        const next = prefetched?.claim ?? (after === undefined ? undefined : claim(after));
+        // Nothing past this batch; rows older than it may still wait (a reading that came
+        // late with an old createdat, rows another agent rolled back). The previous batch
+        // has committed and this batch's rows are locked: a scan from the start skips them.
+        prefetched = { claim: next ? next.then((c) => c ?? claim()) : claim() };
+        prefetched.claim.catch(() => {});
+      }
+      // While the remote ingests this batch, not between two batches, where it would wait.
+      releaseMemory(options.memoryBudgetMb ?? 96);
       await delivering;
-      await prefetched?.claim.catch(() => {}); // its scan is over: now this batch may commit
+      await prefetched?.claim.catch(() => {}); // its scans are over: now this batch may commit
       current.finish(out);
     } catch (err) {
       await delivering.catch(() => {});
@@ -454,7 +464,6 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       );
     }
     if (!out) break;
-    releaseMemory(options.memoryBudgetMb ?? 96);
     result.batches++;
     result.uploaded += out.inserted;
     result.skipped += out.skipped;
