@@ -37,13 +37,28 @@ export async function copyOut(tx: Tx, statement: string): Promise<Uint8Array> {
   return data;
 }
 
+/** A COPY ... FROM STDIN the server has started, waiting for its data. */
+export interface OpenCopy {
+  /**
+   * Writes the payload and ends the COPY; resolves once the server has committed it.
+   * `onSent` runs as soon as the end of the COPY (CopyDone) is on its way, before the answer.
+   */
+  write(payload: Uint8Array, onSent?: () => void): Promise<void>;
+  /** Abandons it (CopyFail): the server rolls it back and answers with an error, ignored. */
+  cancel(): void;
+}
+
 /**
- * Writes a payload into an open COPY ... FROM STDIN. postgres.js resolves the query
- * with the stream before the server answers, and an error that arrives after end()
- * neither fails the stream nor the (already resolved) query: it is only handed to
- * query.reject, which we wrap so that a rejected COPY fails here instead of hanging.
+ * Starts a COPY ... FROM STDIN. postgres.js resolves the query with the stream before the
+ * server answers, and an error that arrives after end() neither fails the stream nor the
+ * (already resolved) query: it is only handed to query.reject, which we wrap so that a
+ * rejected COPY fails its write() instead of hanging.
+ *
+ * Issued while an earlier COPY on the same connection awaits its answer, the statement is
+ * pipelined behind it: the server starts it once the earlier one has committed, and the
+ * round trip that starting it costs is spent while the earlier one travels.
  */
-export async function copyIn(tx: Tx, statement: string, payload: Uint8Array): Promise<void> {
+export async function openCopyIn(tx: Tx, statement: string): Promise<OpenCopy> {
   const query = tx.unsafe(statement) as unknown as CopyQuery;
   let fail: (err: unknown) => void = () => {};
   let failure: unknown;
@@ -53,17 +68,55 @@ export async function copyIn(tx: Tx, statement: string, payload: Uint8Array): Pr
     fail(err);
     reject(err);
   };
-  const stream = await query.writable();
-  await new Promise<void>((resolve, rejectCopy) => {
-    if (failure) return rejectCopy(failure);
-    fail = rejectCopy;
-    stream.on("error", (err) => rejectCopy(failure ?? err));
-    stream.on("finish", () => resolve());
-    // Slices, not one giant CopyData message: the server parses rows as they arrive
-    // instead of waiting for the whole batch.
-    for (let at = 0; at < payload.length; at += COPY_CHUNK) {
-      stream.write(payload.subarray(at, at + COPY_CHUNK));
-    }
-    stream.end();
+  const stream = await query.writable() as NodeJS.WritableStream & {
+    _final: (callback: (err?: Error | null) => void) => void;
+    _destroy: (err: Error | null, callback: (err?: Error | null) => void) => void;
+    destroy(err?: Error): void;
+  };
+  // The driver's stream destroys itself once finished (autoDestroy), and its destroy writes
+  // a CopyFail even then. Harmless after a lone COPY (the server ignores it), but a COPY
+  // pipelined behind would take it as its own and fail: only a real abort sends one.
+  const destroy = stream._destroy;
+  stream._destroy = function (err, callback) {
+    if (err === null || err === undefined) return callback(null);
+    destroy.call(this, err, callback);
+  };
+  // From now on: a lost connection destroys the stream, whose 'error' needs a listener.
+  stream.on("error", (err) => {
+    failure ??= err;
+    fail(failure);
   });
+  return {
+    write: (payload, onSent) =>
+      new Promise<void>((resolve, rejectCopy) => {
+        if (failure) return rejectCopy(failure);
+        fail = rejectCopy;
+        stream.on("finish", () => resolve());
+        if (onSent) {
+          // The driver's final() writes CopyDone; 'finish' waits for the server's answer.
+          const final = stream._final;
+          stream._final = function (callback) {
+            final.call(this, callback);
+            // Not after an error: nothing may follow a COPY that the server has refused
+            // before the engine has seen why.
+            if (!failure) onSent();
+          };
+        }
+        // Slices, not one giant CopyData message: the server parses rows as they arrive
+        // instead of waiting for the whole batch.
+        for (let at = 0; at < payload.length; at += COPY_CHUNK) {
+          stream.write(payload.subarray(at, at + COPY_CHUNK));
+        }
+        stream.end();
+      }),
+    cancel: () => {
+      fail = () => {};
+      stream.destroy(new Error("meter-sync: COPY not needed"));
+    },
+  };
+}
+
+/** Writes a payload through a new COPY ... FROM STDIN (see {@link openCopyIn}). */
+export async function copyIn(tx: Tx, statement: string, payload: Uint8Array): Promise<void> {
+  await (await openCopyIn(tx, statement)).write(payload);
 }

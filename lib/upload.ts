@@ -5,7 +5,7 @@ import { quoteIdent } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
 import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
-import { copyIn, copyOut } from "./copy_io.ts";
+import { copyIn, copyOut, type OpenCopy, openCopyIn } from "./copy_io.ts";
 import { type Pool, resumeSockets } from "./db.ts";
 import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
 import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
@@ -154,6 +154,12 @@ function localDeleteError(err: unknown): LocalDeleteError {
   );
 }
 
+/** The first write of a batch tells when its data is sent and when its answer has come. */
+interface Ahead {
+  sent: () => void;
+  answered: () => void;
+}
+
 interface Delivery {
   /** Size of the batch's COPY data. */
   bytes: number;
@@ -231,14 +237,40 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   });
 
   /**
+   * The next batch's remote COPY, started as soon as the current one's data is on its way
+   * (pipelined behind it on the same connection), so that the round trip that starts a COPY
+   * is not spent between two batches. Started only once the next batch is claimed;
+   * any other remote statement waits until it is taken or cancelled (a connection in COPY
+   * mode takes nothing else).
+   */
+  let openedAhead: Promise<OpenCopy> | undefined;
+  const openAhead = () => {
+    openedAhead = openCopyIn(deps.remote.sql, sql.copy);
+    openedAhead.catch(() => {}); // a failure shows when it is taken
+  };
+  /** The COPY opened ahead, or undefined when there is none or it failed to start. */
+  const takeOpened = async () => {
+    const p = openedAhead;
+    openedAhead = undefined;
+    return await p?.catch(() => undefined);
+  };
+  const cancelOpened = async () => (await takeOpened())?.cancel();
+
+  /**
    * One remote transaction for a payload; returns how many rows it inserted. The plain COPY
    * is a statement of its own, so it runs in its own implicit transaction, which commits
    * with the statement: two round trips (COPY started, COPY done) instead of four with
    * BEGIN and COMMIT around it, which halves the wait per batch on a slow link.
    */
-  const remoteWrite = async (payload: Uint8Array, rows: number, staged: boolean) => {
+  const remoteWrite = async (
+    payload: Uint8Array,
+    rows: number,
+    staged: boolean,
+    onSent?: () => void,
+  ) => {
     if (!staged) {
-      await copyIn(deps.remote.sql, sql.copy, payload);
+      const opened = await takeOpened();
+      await (opened ?? await openCopyIn(deps.remote.sql, sql.copy)).write(payload, onSent);
       return rows;
     }
     return await deps.remote.sql.begin(async (tx) => {
@@ -260,14 +292,21 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     to: number,
     staged: boolean,
     out: Delivery,
+    ahead?: Ahead,
   ): Promise<void> => {
     try {
-      const inserted = await remoteWrite(payloadOf(batch, from, to), to - from, staged);
+      let inserted: number;
+      try {
+        inserted = await remoteWrite(payloadOf(batch, from, to), to - from, staged, ahead?.sent);
+      } finally {
+        ahead?.answered();
+      }
       out.inserted += inserted;
       out.skipped += to - from - inserted;
       for (let i = from; i < to; i++) out.onRemote.push(batch.keys[i]);
       return;
     } catch (err) {
+      await cancelOpened(); // before the statements that isolate the fault
       if (!staged && isReplay(err, plan.key)) {
         log.info(
           "{rows} readings may be on the remote already (a replay after a crash); writing them idempotently",
@@ -351,7 +390,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     });
 
   /** The claim of the next batch, taken while the current one travels. */
-  let prefetched: { claim: Promise<Claim | undefined> } | undefined;
+  let prefetched: { claim: Promise<Claim | undefined>; ready?: boolean } | undefined;
   const dropPrefetched = async () => {
     const p = prefetched;
     prefetched = undefined;
@@ -395,7 +434,21 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       skipped: 0,
       rejected: [],
     };
-    const delivering = deliver(current.batch, 0, current.batch.keys.length, false, out);
+    // The next batch's COPY is opened ahead once both this one's data is on its way and the
+    // next batch is claimed, if this one's answer has not come yet.
+    let sent = false;
+    let answered = false;
+    const openIfDue = () => {
+      if (sent && !answered && prefetched?.ready && !openedAhead) openAhead();
+    };
+    const ahead: Ahead = {
+      sent: () => {
+        sent = true;
+        openIfDue();
+      },
+      answered: () => (answered = true),
+    };
+    const delivering = deliver(current.batch, 0, current.batch.keys.length, false, out, ahead);
     delivering.catch(() => {}); // awaited below
     try {
       const more = () =>
@@ -414,8 +467,13 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         // Nothing past this batch; rows older than it may still wait (a reading that came
         // late with an old createdat, rows another agent rolled back). The previous batch
         // has committed and this batch's rows are locked: a scan from the start skips them.
-        prefetched = { claim: next ? next.then((c) => c ?? claim()) : claim() };
-        prefetched.claim.catch(() => {});
+        const p = next ? next.then((c) => c ?? claim()) : claim();
+        prefetched = { claim: p };
+        p.then((c) => {
+          if (prefetched?.claim !== p) return;
+          prefetched.ready = c !== undefined;
+          openIfDue();
+        }, () => {});
       }
       // While the remote ingests this batch, not between two batches, where it would wait.
       releaseMemory(options.memoryBudgetMb ?? 96);
@@ -427,6 +485,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       current.finish(err instanceof Error ? err : new Error(String(err)));
       await committed.catch(() => {});
       await dropPrefetched();
+      await cancelOpened();
       throw err;
     }
     pendingCommit = committed;
@@ -486,6 +545,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     });
   }
   await dropPrefetched();
+  await cancelOpened();
   // The last batch's local commit: it can only fail as a LocalDeleteError.
   await settlePrevious().catch((err) => {
     throw replayNextCycle(err);

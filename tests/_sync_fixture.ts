@@ -45,7 +45,7 @@ export async function pair(seed = 0, remoteServer = "remote"): Promise<Pair> {
   await migrate(local.sql, await loadMigrations(migrationsDir("local")));
   await migrate(remote.sql, await loadMigrations(migrationsDir("remote")));
   if (seed > 0) await seedReadings(local.sql, { count: seed, meters: 5, days: 2, chunk: 10_000 });
-  const agentLocal = await openPool(parseDatabaseUrl(local.url, "LOCAL_DATABASE_URL"), { max: 2 });
+  const agentLocal = await openPool(parseDatabaseUrl(local.url, "LOCAL_DATABASE_URL"), { max: 3 });
   const agentRemote = await openPool(parseDatabaseUrl(remote.url, "REMOTE_DATABASE_URL"));
   return {
     local,

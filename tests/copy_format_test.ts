@@ -9,7 +9,12 @@ import {
   rowPayload,
   splitRows,
 } from "../lib/copy_format.ts";
-import { copyIn as writeCopy, copyOut as readCopy } from "../lib/copy_io.ts";
+import {
+  copyIn as writeCopy,
+  copyOut as readCopy,
+  type OpenCopy,
+  openCopyIn,
+} from "../lib/copy_io.ts";
 import { connect, resumeSockets } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 
@@ -218,4 +223,33 @@ Deno.test("a binary payload cut short inside a row is rejected by the server, no
   await assert.rejects(copyIn(f.sql, "dst", cut, "binary"), /unexpected EOF|COPY/i);
   const [{ count }] = await f.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM dst`;
   assert.equal(count, 0);
+});
+
+Deno.test("a COPY opened while the one before is answered starts after it commits; cancel() loads nothing", async () => {
+  // The upload engine opens the next batch's COPY this way, on its one remote connection.
+  await using f = await fixture();
+  const batch = splitRows(await copyOut(f.sql, ORDERED, "binary"), "binary");
+  const statement = "COPY dst FROM STDIN (FORMAT binary)";
+  const events: string[] = [];
+  let second: Promise<OpenCopy> | undefined;
+  const first = await openCopyIn(f.sql, statement);
+  await first.write(payloadOf(batch, 0, 20), () => {
+    events.push("first sent");
+    second = openCopyIn(f.sql, statement);
+  });
+  events.push("first committed");
+  assert.deepEqual(events, ["first sent", "first committed"]);
+  let third: Promise<OpenCopy> | undefined;
+  await (await second!).write(payloadOf(batch, 20, 30), () => {
+    third = openCopyIn(f.sql, statement);
+  });
+  (await third!).cancel();
+  // The connection takes statements again, and holds exactly the first 30 rows.
+  assert.deepEqual(
+    await rowTexts(f.sql, "dst"),
+    await rowTexts(f.sql, "(SELECT * FROM src ORDER BY n LIMIT 30)"),
+  );
+  await writeCopy(f.sql, statement, payloadOf(batch, 30, 32));
+  const [{ count }] = await f.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM dst`;
+  assert.equal(count, 32);
 });

@@ -476,3 +476,31 @@ Deno.test("poison rows spread over many pipelined batches are each quarantined o
   assert.deepEqual({ ...q }, { n: 43, attempts: 1 });
   assert.equal(await count(p.remote.sql), 1957);
 });
+
+Deno.test("batch after batch, each remote COPY opened while the one before is answered, rolls nothing back", async () => {
+  // Each batch's COPY is started behind the one before, on the agent's one remote connection;
+  // the last batch opens none. A stray abort message, or a COPY left over to cancel, would
+  // show as rolled-back transactions on the remote.
+  await using p = await pair(600);
+  // Each COPY takes 50 ms to answer: the next batch is claimed by then, so every batch but
+  // the first goes through a COPY opened ahead.
+  await p.remote.sql.unsafe(`
+    CREATE FUNCTION slow_answer() RETURNS trigger LANGUAGE plpgsql
+      AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$;
+    CREATE TRIGGER slow_answer AFTER INSERT ON meter_readings
+      FOR EACH STATEMENT EXECUTE FUNCTION slow_answer();`);
+  const rollbacks = async () => {
+    await p.agentRemote.sql`SELECT pg_stat_force_next_flush()`;
+    await p.agentRemote.sql`SELECT 1`; // idle in between: the agent's counters are flushed
+    const [r] = await p.remote.sql<{ n: number }[]>`
+      SELECT xact_rollback::int AS n FROM pg_stat_database WHERE datname = current_database()`;
+    return r.n;
+  };
+  const before = await rollbacks();
+  const result = await upload(p.deps(), { batchSize: 50 });
+  assert.equal(result.batches, 12);
+  assert.equal(result.retries, 0);
+  assert.equal(await rollbacks(), before);
+  assert.deepEqual(await countDistinct(p.remote.sql), { rows: 600, ids: 600 });
+  assert.equal(await count(p.local.sql), 0);
+});
