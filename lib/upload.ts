@@ -260,7 +260,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
    * One remote transaction for a payload; returns how many rows it inserted. The plain COPY
    * is a statement of its own, so it runs in its own implicit transaction, which commits
    * with the statement: two round trips (COPY started, COPY done) instead of four with
-   * BEGIN and COMMIT around it, which halves the wait per batch on a slow link.
+   * BEGIN and COMMIT around it, and one when the COPY was opened ahead (see openedAhead).
    */
   const remoteWrite = async (
     payload: Uint8Array,
