@@ -124,16 +124,13 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       FROM rel`;
   if (found.length === 0) return undefined;
   const t = found[0];
-  const cols = t.cols;
-  const keys = t.keys;
-  const pkRows = t.pk.map((name) => ({ name }));
   const uniqueColumns = [
-    ...new Set(keys.filter((k) => !k.primary || pkRows.length === 1).map((k) => k.name)),
+    ...new Set(t.keys.filter((k) => !k.primary || t.pk.length === 1).map((k) => k.name)),
   ];
   return {
     name,
     schema: t.schema,
-    columns: cols.map((c) => ({
+    columns: t.cols.map((c) => ({
       name: c.name,
       type: c.type,
       notNull: c.not_null,
@@ -141,7 +138,7 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       generated: c.generated,
       builtin: c.builtin,
     })),
-    primaryKey: pkRows.map((r) => r.name),
+    primaryKey: t.pk,
     uniqueColumns,
     access: {
       database: t.database,
