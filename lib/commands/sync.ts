@@ -146,30 +146,16 @@ export async function runCycle(
     error = err;
   }
   const outcome = error === undefined ? "ok" : "failed";
-  let queue = booked?.status ?? null;
-  let finishedAt = booked?.finishedAt;
   const up: UploadResult = result ?? partial;
-  if (!booked) {
-    // A failed cycle: when a database is what failed, there is nowhere to write, and a
-    // fresh connection with a short timeout finds out sooner than the cycle's pool would.
-    finishedAt = new Date(ctx.clock.now());
-    const entry: CycleEntry = { outcome, startedAt, finishedAt, up, downloaded, error };
-    queue = await withDatabases(
-      { ...config, remote: undefined },
-      (dbs) => recordLocally(config, dbs.local!, entry),
-    ).catch((err) => localNotRecorded(err, outcome));
-    if (config.agentId && config.remote) {
-      const remote = {
-        ...config.remote,
-        connectTimeout: Math.min(config.remote.connectTimeout, 5),
-      };
-      await withDatabases(
-        { ...config, local: undefined, remote },
-        (dbs) => recordHeartbeatOf(config, dbs.remote!, entry, queue),
-      ).catch(heartbeatNotRecorded);
-    }
-  }
-  finishedAt ??= new Date(ctx.clock.now());
+  const { finishedAt, status: queue } = booked ??
+    await recordFailedCycle(config, {
+      outcome,
+      startedAt,
+      finishedAt: new Date(ctx.clock.now()),
+      up,
+      downloaded,
+      error,
+    });
 
   if (outcome === "ok") {
     const seconds = (finishedAt.getTime() - startedAt.getTime()) / 1000;
@@ -213,6 +199,28 @@ interface CycleEntry {
   up: UploadResult;
   downloaded: number;
   error?: unknown;
+}
+
+/**
+ * The bookkeeping of a failed cycle: when a database is what failed, there is nowhere to
+ * write, and a fresh connection with a short timeout finds out sooner than the cycle's pool.
+ */
+async function recordFailedCycle(
+  config: Config,
+  entry: CycleEntry,
+): Promise<{ finishedAt: Date; status: StatusReport | null }> {
+  const status = await withDatabases(
+    { ...config, remote: undefined },
+    (dbs) => recordLocally(config, dbs.local!, entry),
+  ).catch((err) => localNotRecorded(err, entry.outcome));
+  if (config.agentId && config.remote) {
+    const remote = { ...config.remote, connectTimeout: Math.min(config.remote.connectTimeout, 5) };
+    await withDatabases(
+      { ...config, local: undefined, remote },
+      (dbs) => recordHeartbeatOf(config, dbs.remote!, entry, status),
+    ).catch(heartbeatNotRecorded);
+  }
+  return { finishedAt: entry.finishedAt, status };
 }
 
 /** The local run history, then the queue figures after the cycle. */
