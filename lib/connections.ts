@@ -98,14 +98,21 @@ export async function withDatabases<T>(
   }
 }
 
+/**
+ * Local connections of an upload lane: the next batch is claimed while the current one
+ * travels and the one before commits.
+ */
+export const LOCAL_CONNECTIONS = 3;
+
 /** Runs fn with renewable pools to both databases (the upload engine's), closing them afterwards. */
 export async function withPools<T>(
   config: Config,
   fn: (pools: { local: Pool; remote: Pool }) => Promise<T>,
 ): Promise<T> {
-  // Three local connections: the next batch is claimed while the current one travels and
-  // the one before commits.
-  const local = await openPool(config.local!, { ...connectOptions(config, "local"), max: 3 });
+  const local = await openPool(config.local!, {
+    ...connectOptions(config, "local"),
+    max: LOCAL_CONNECTIONS,
+  });
   let remote: Pool;
   try {
     remote = await openPool(config.remote!, connectOptions(config, "remote"));

@@ -1,5 +1,6 @@
 /** Shared set-up of the upload tests: a migrated gateway and central database, a fake clock. */
 import type { Clock } from "../lib/commands/context.ts";
+import { LOCAL_CONNECTIONS } from "../lib/connections.ts";
 import { openPool, type Pool, type Sql } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
@@ -45,7 +46,9 @@ export async function pair(seed = 0, remoteServer = "remote"): Promise<Pair> {
   await migrate(local.sql, await loadMigrations(migrationsDir("local")));
   await migrate(remote.sql, await loadMigrations(migrationsDir("remote")));
   if (seed > 0) await seedReadings(local.sql, { count: seed, meters: 5, days: 2, chunk: 10_000 });
-  const agentLocal = await openPool(parseDatabaseUrl(local.url, "LOCAL_DATABASE_URL"), { max: 3 });
+  const agentLocal = await openPool(parseDatabaseUrl(local.url, "LOCAL_DATABASE_URL"), {
+    max: LOCAL_CONNECTIONS,
+  });
   const agentRemote = await openPool(parseDatabaseUrl(remote.url, "REMOTE_DATABASE_URL"));
   return {
     local,
