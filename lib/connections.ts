@@ -2,6 +2,7 @@
 import { getLogger } from "@logtape/logtape";
 import type { Config } from "./config.ts";
 import {
+  closePool,
   connect,
   type ConnectOptions,
   openPool,
@@ -94,7 +95,7 @@ export async function withDatabases<T>(
     }
     return await fn(dbs);
   } finally {
-    await Promise.all([dbs.local?.end({ timeout: 5 }), dbs.remote?.end({ timeout: 5 })]);
+    await Promise.all([dbs.local && closePool(dbs.local), dbs.remote && closePool(dbs.remote)]);
   }
 }
 

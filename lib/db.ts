@@ -510,6 +510,18 @@ export async function openPool(target: DbTarget, options: ConnectOptions = {}): 
       sql = await connect(target, options);
       old.end({ timeout: 0 }).catch(() => {});
     },
-    end: () => sql.end({ timeout: 5 }),
+    end: () => closePool(sql),
   };
+}
+
+/**
+ * Closes a pool, giving queries still running `timeout` seconds to finish. A query whose
+ * socket died under it stays its connection's current query inside postgres.js, and
+ * end() waits for it until the timeout: 5 s added to every cycle that lost the remote
+ * during its heartbeat. With no socket of the pool still open nothing can finish, so
+ * the pool closes at once.
+ */
+export function closePool(sql: Sql, timeout = 5): Promise<void> {
+  const open = [...(socketsOf.get(sql) ?? [])].some((socket) => !socket.destroyed);
+  return sql.end({ timeout: open ? timeout : 0 });
 }
