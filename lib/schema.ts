@@ -198,6 +198,24 @@ export function planUpload(local: TableInfo, remote: TableInfo): SchemaPlan {
   return { columns, key, issues, ok, binary };
 }
 
+/**
+ * The plan a central table just like the gateway's would give, or undefined when even that
+ * one could not upload. The first batch is claimed with it while the remote's catalog is
+ * still on its way, and kept only if the real plan travels the very same way.
+ */
+export function expectedPlan(local: TableInfo): SchemaPlan | undefined {
+  const twin: TableInfo = {
+    ...local,
+    access: { ...local.access, readOnly: false, standby: false, insert: true },
+  };
+  try {
+    const plan = planUpload(local, twin);
+    return plan.ok ? plan : undefined;
+  } catch {
+    return undefined; // a local setting to fix: the real plan says which
+  }
+}
+
 /** Throws a ConfigError saying how to fix it when a side cannot take the upload's writes. */
 function assertWritable(
   side: "local" | "remote",

@@ -1,7 +1,6 @@
 /** The upload engine: drains the local queue into the remote, each reading delivered once. */
 import { getLogger } from "@logtape/logtape";
-import type { Column } from "./columns.ts";
-import { quoteIdent } from "./columns.ts";
+import { type Column, quoteIdent, type TableInfo } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
 import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
@@ -10,7 +9,7 @@ import { type Pool, resumeSockets } from "./db.ts";
 import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
 import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
 import { retry, RetryError } from "./retry.ts";
-import { formatIssues } from "./schema.ts";
+import { expectedPlan, formatIssues, type SchemaPlan } from "./schema.ts";
 import { queueCondition } from "./status.ts";
 
 const log = getLogger(["meter-sync", "upload"]);
@@ -114,6 +113,23 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
   };
 }
 
+/** How batches travel under a plan: the statements and the COPY format. */
+interface Travel {
+  sql: Statements;
+  format: CopyFormat;
+}
+
+function travelOf(table: string, plan: SchemaPlan): Travel {
+  const format: CopyFormat = plan.binary ? "binary" : "text";
+  return { sql: statements(table, plan.columns, plan.key, format), format };
+}
+
+/** Same claim and delete statements, same format: a batch claimed under one travels under the other. */
+function sameTravel(a: Travel, b: Travel): boolean {
+  return a.format === b.format && a.sql.claim(1) === b.sql.claim(1) &&
+    a.sql.remove === b.sql.remove;
+}
+
 /** A key that can go into the claim's text as it is (a text-format key might need quoting). */
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
@@ -212,15 +228,98 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     });
   const transient = (e: unknown) => classifyError(e) === "transient";
 
+  /**
+   * Opens a local transaction that claims the next batch and keeps it open: the
+   * caller writes the batch remotely, then calls finish() with the outcome, which
+   * deletes the delivered rows and commits (or, given an error, rolls back).
+   */
+  const claim = (travel: Travel, after?: string): Promise<Claim | undefined> =>
+    new Promise((resolveClaim, rejectClaim) => {
+      let finish!: (outcome: Delivery | Error) => void;
+      const outcome = new Promise<Delivery | Error>((r) => (finish = r));
+      let claimed = false;
+      let abandoned: Error | undefined;
+      // `done` is declared below; the callback runs only after BEGIN has come back.
+      const tx = deps.local.sql.begin(async (tx) => {
+        // The queue is read in index order; with stale statistics after a big drain the
+        // planner would otherwise sort the whole table for every batch.
+        await tx.unsafe("SET LOCAL enable_seqscan = off");
+        const data = await copyOut(tx, travel.sql.claim(batchSize, after));
+        resumeSockets(deps.local.sql);
+        const batch = splitRows(data, travel.format);
+        if (batch.keys.length === 0) return resolveClaim(undefined);
+        claimed = true;
+        resolveClaim({ batch, bytes: data.length, ordered: after !== undefined, finish, done });
+        const out = await outcome;
+        if (out instanceof Error) throw (abandoned = out); // roll back: the rows stay queued
+        try {
+          if (out.onRemote.length) {
+            const removed = await tx.unsafe(travel.sql.remove, [pgArray(out.onRemote)]);
+            if (removed.count !== out.onRemote.length) {
+              throw new Error(
+                `deleted ${removed.count} of ${out.onRemote.length} claimed readings`,
+              );
+            }
+          }
+          await quarantineRows(tx, out.rejected);
+        } catch (err) {
+          throw localDeleteError(err);
+        }
+      });
+      // The commit can fail too, after the remote committed: also a local delete error.
+      const done: Promise<void> = tx.then(() => undefined, (err) => {
+        if (!claimed) return rejectClaim(err);
+        if (err === abandoned) return; // rolled back on purpose
+        throw err instanceof LocalDeleteError ? err : localDeleteError(err);
+      });
+      done.catch(() => {}); // awaited by whoever holds the claim
+    });
+
+  /** Rolls back a claim nobody will deliver: its rows stay in the queue. */
+  const abandon = async (p: Promise<Claim | undefined> | undefined) => {
+    const c = await p?.catch(() => undefined);
+    if (c) {
+      c.finish(new Error("abandoned"));
+      await c.done.catch(() => {});
+    }
+  };
+
+  /**
+   * The first batch, claimed with the plan a remote just like the gateway would give as soon
+   * as the local catalog is in: behind a slow link the remote's connection and catalog take
+   * several round trips, and the claim no longer waits for them. Kept only when the real
+   * plan travels the same way (same claim, same format); otherwise, and whenever the
+   * schemas cannot upload, rolled back before anything is sent.
+   */
+  let early: { travel: Travel; claim: Promise<Claim | undefined> } | undefined;
+  const claimEarly = (local: TableInfo) => {
+    if (early || options.maxBatches === 0 || deps.signal?.aborted) return;
+    const guess = expectedPlan(local);
+    if (!guess) return;
+    const travel = travelOf(table, guess);
+    early = { travel, claim: claim(travel) };
+    early.claim.catch(() => {}); // taken below, or abandoned
+  };
+  const dropEarly = async () => {
+    const e = early;
+    early = undefined;
+    await abandon(e?.claim);
+  };
+
   // G7: both catalogs, every cycle, with the same code as check-schema.
   const plan = await retrying(
     "reading the schemas",
-    () => comparedSchemas(deps.local.sql, deps.remote.sql, table),
+    () =>
+      comparedSchemas(deps.local.sql, deps.remote.sql, table, claimEarly).catch(async (err) => {
+        await dropEarly(); // before a retry renews the pool it is on
+        throw err;
+      }),
     transient,
   ).catch((err) => {
     throw err instanceof RetryError ? giveUp("reading the schemas", err) : err;
   });
   if (!plan.ok) {
+    await dropEarly();
     const blocking = plan.issues.filter((i) => i.blocking);
     throw new SchemaError(
       `upload stopped, schemas incompatible: ${
@@ -229,8 +328,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       { cause: formatIssues(plan) },
     );
   }
-  const format: CopyFormat = plan.binary ? "binary" : "text";
-  const sql = statements(table, plan.columns, plan.key, format);
+  const travel = travelOf(table, plan);
+  const { sql, format } = travel;
   log.debug("{columns} columns travel in {format} COPY", {
     columns: plan.columns.length,
     format,
@@ -342,64 +441,17 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     }
   };
 
-  /**
-   * Opens a local transaction that claims the next batch and keeps it open: the
-   * caller writes the batch remotely, then calls finish() with the outcome, which
-   * deletes the delivered rows and commits (or, given an error, rolls back).
-   */
-  const claim = (after?: string): Promise<Claim | undefined> =>
-    new Promise((resolveClaim, rejectClaim) => {
-      let finish!: (outcome: Delivery | Error) => void;
-      const outcome = new Promise<Delivery | Error>((r) => (finish = r));
-      let claimed = false;
-      let abandoned: Error | undefined;
-      // `done` is declared below; the callback runs only after BEGIN has come back.
-      const tx = deps.local.sql.begin(async (tx) => {
-        // The queue is read in index order; with stale statistics after a big drain the
-        // planner would otherwise sort the whole table for every batch.
-        await tx.unsafe("SET LOCAL enable_seqscan = off");
-        const data = await copyOut(tx, sql.claim(batchSize, after));
-        resumeSockets(deps.local.sql);
-        const batch = splitRows(data, format);
-        if (batch.keys.length === 0) return resolveClaim(undefined);
-        claimed = true;
-        resolveClaim({ batch, bytes: data.length, ordered: after !== undefined, finish, done });
-        const out = await outcome;
-        if (out instanceof Error) throw (abandoned = out); // roll back: the rows stay queued
-        try {
-          if (out.onRemote.length) {
-            const removed = await tx.unsafe(sql.remove, [pgArray(out.onRemote)]);
-            if (removed.count !== out.onRemote.length) {
-              throw new Error(
-                `deleted ${removed.count} of ${out.onRemote.length} claimed readings`,
-              );
-            }
-          }
-          await quarantineRows(tx, out.rejected);
-        } catch (err) {
-          throw localDeleteError(err);
-        }
-      });
-      // The commit can fail too, after the remote committed: also a local delete error.
-      const done: Promise<void> = tx.then(() => undefined, (err) => {
-        if (!claimed) return rejectClaim(err);
-        if (err === abandoned) return; // rolled back on purpose
-        throw err instanceof LocalDeleteError ? err : localDeleteError(err);
-      });
-      done.catch(() => {}); // awaited by whoever holds the claim
-    });
-
   /** The claim of the next batch, taken while the current one travels. */
   let prefetched: { claim: Promise<Claim | undefined>; ready?: boolean } | undefined;
   const dropPrefetched = async () => {
     const p = prefetched;
     prefetched = undefined;
-    const c = await p?.claim.catch(() => undefined);
-    if (c) {
-      c.finish(new Error("abandoned"));
-      await c.done.catch(() => {});
-    }
+    await abandon(p?.claim);
   };
+  if (early && sameTravel(early.travel, travel)) {
+    prefetched = { claim: early.claim };
+    early = undefined;
+  } else await dropEarly();
 
   /**
    * One batch: claim (or take the prefetched claim), write remotely, delete locally.
@@ -420,7 +472,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     try {
       const taken = prefetched;
       prefetched = undefined;
-      current = await (taken?.claim ?? claim());
+      current = await (taken?.claim ?? claim(travel));
     } catch (err) {
       await settlePrevious(); // a failed local commit outranks the claim's error
       throw err;
@@ -458,16 +510,16 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       const last = current.batch.keys[current.batch.keys.length - 1];
       const after = UUID.test(last) ? last : undefined;
       if (more() && after !== undefined && current.ordered) {
-        prefetched = { claim: claim(after) };
+        prefetched = { claim: claim(travel, after) };
         prefetched.claim.catch(() => {}); // awaited by the next batch, or dropped
       }
       await settlePrevious();
       if (more()) {
-        const next = prefetched?.claim ?? (after === undefined ? undefined : claim(after));
+        const next = prefetched?.claim ?? (after === undefined ? undefined : claim(travel, after));
         // Nothing past this batch; rows older than it may still wait (a reading that came
         // late with an old createdat, rows another agent rolled back). The previous batch
         // has committed and this batch's rows are locked: a scan from the start skips them.
-        const p = next ? next.then((c) => c ?? claim()) : claim();
+        const p = next ? next.then((c) => c ?? claim(travel)) : claim(travel);
         prefetched = { claim: p };
         p.then((c) => {
           if (prefetched?.claim !== p) return;

@@ -4,7 +4,10 @@ import { CycleError, SchemaError } from "../lib/errors.ts";
 import { requeue } from "../lib/quarantine.ts";
 import { readStatus } from "../lib/status.ts";
 import { upload } from "../lib/upload.ts";
-import { server } from "./_harness.ts";
+import { openPool } from "../lib/db.ts";
+import { parseDatabaseUrl } from "../lib/db_url.ts";
+import { startDelayProxy } from "../scripts/delay_proxy.ts";
+import { server, type Sql } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
 Deno.test("upload() drains the queue in batches of --batch-size and leaves the local table empty", async () => {
@@ -406,6 +409,20 @@ Deno.test("a permanent remote error is not retried and leaves every row in place
   assert.equal(await count(p.remote.sql), 0);
 });
 
+/** The URL with the port of a proxy in front of its server. */
+function throughProxy(url: string, port: number): string {
+  const u = new URL(url);
+  u.port = String(port);
+  return u.toString();
+}
+
+/** Readings nobody holds a lock on: FOR UPDATE NOWAIT fails on any row still claimed. */
+async function unclaimed(sql: Sql): Promise<number> {
+  const [row] = await sql`
+    SELECT count(*)::int AS n FROM (SELECT 1 FROM meter_readings FOR UPDATE NOWAIT) s`;
+  return row.n;
+}
+
 Deno.test("a local column absent on the remote stops the upload naming the column (G7)", async () => {
   await using p = await pair(10);
   await p.local.sql`ALTER TABLE meter_readings ADD COLUMN "Neutral Current" real`;
@@ -414,7 +431,7 @@ Deno.test("a local column absent on the remote stops the upload naming the colum
     assert.match((err as Error).message, /"Neutral Current"/);
     return true;
   });
-  assert.equal(await count(p.local.sql), 10);
+  assert.equal(await unclaimed(p.local.sql), 10);
   assert.equal(await count(p.remote.sql), 0);
 });
 
@@ -422,7 +439,40 @@ Deno.test("a remote NOT NULL column without default that the gateway lacks stops
   await using p = await pair(10);
   await p.remote.sql`ALTER TABLE meter_readings ADD COLUMN tariff_zone text NOT NULL`;
   await assert.rejects(upload(p.deps(), { batchSize: 100 }), /"tariff_zone"/);
-  assert.equal(await count(p.local.sql), 10);
+  // The first batch was claimed while the remote catalog was read: rolled back, not kept.
+  assert.equal(await unclaimed(p.local.sql), 10);
+});
+
+Deno.test("behind a slow link the first batch is claimed while the remote's catalog is still on its way", async () => {
+  await using p = await pair(300);
+  const proxy = startDelayProxy({ hostname: "127.0.0.1", port: p.remote.server.port }, {
+    oneWayMs: 150,
+  });
+  const slow = await openPool(parseDatabaseUrl(throughProxy(p.remote.url, proxy.port), "remote"));
+  try {
+    const uploading = upload(p.deps({ remote: slow }), { batchSize: 100 });
+    uploading.catch(() => {});
+    // The moment the first readings are locked, the remote has not answered the catalog read
+    // yet: the agent's remote session has run neither it nor a COPY.
+    let locked = false;
+    while (!locked) {
+      locked = (await p.local.sql`
+        SELECT count(*)::int AS n FROM (SELECT 1 FROM meter_readings FOR UPDATE SKIP LOCKED) s`)[0]
+        .n < 300;
+      if (!locked) await new Promise((r) => setTimeout(r, 10));
+    }
+    const seen = await p.remote.sql<{ query: string }[]>`
+      SELECT query FROM pg_stat_activity
+       WHERE datname = current_database() AND pid <> pg_backend_pid()
+         AND (query LIKE '%pg_catalog.pg_class%' OR query LIKE 'COPY%')`;
+    assert.deepEqual(seen.map((r) => r.query.slice(0, 40)), []);
+    const result = await uploading;
+    assert.equal(result.uploaded, 300);
+    assert.deepEqual(await countDistinct(p.remote.sql), { rows: 300, ids: 300 });
+  } finally {
+    await slow.end();
+    await proxy.close();
+  }
 });
 
 Deno.test("quoted mixed-case, spaced, quoted and reserved column names travel (G7)", async () => {

@@ -1,5 +1,5 @@
 /** `check-schema`: compares the local and remote readings tables; exit 3 if the upload could not run. */
-import { readTable } from "../columns.ts";
+import { readTable, type TableInfo } from "../columns.ts";
 import type { Config } from "../config.ts";
 import { ping, withDatabases } from "../connections.ts";
 import type { Sql } from "../db.ts";
@@ -7,13 +7,23 @@ import { SchemaError } from "../errors.ts";
 import { formatIssues, planUpload, type SchemaPlan } from "../schema.ts";
 import type { CommandContext } from "./context.ts";
 
-/** Reads both catalogs and plans the upload; throws SchemaError when a table is missing. */
+/**
+ * Reads both catalogs and plans the upload; throws SchemaError when a table is missing.
+ * `onLocal` gets the local table as soon as it is read, before the remote's may be.
+ */
 export async function comparedSchemas(
   local: Sql,
   remote: Sql,
   table: string,
+  onLocal?: (info: TableInfo) => void,
 ): Promise<SchemaPlan> {
-  const [l, r] = await Promise.all([readTable(local, table), readTable(remote, table)]);
+  const [l, r] = await Promise.all([
+    readTable(local, table).then((info) => {
+      if (info) onLocal?.(info);
+      return info;
+    }),
+    readTable(remote, table),
+  ]);
   if (!l) {
     throw new SchemaError(
       `table "${table}" does not exist in the local database; run: meter-sync migrate --target local`,
