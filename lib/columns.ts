@@ -54,8 +54,9 @@ export interface TableInfo {
  * `name` is a plain table name, matched exactly (capitals, spaces and quotes included).
  */
 export async function readTable(sql: Sql, name: string): Promise<TableInfo | undefined> {
-  // One statement, not four in a row: behind a slow link each one costs two round trips.
-  const found = await sql<
+  // One statement, not four in a row, and without parameters: postgres.js describes a new
+  // statement with parameters before running it, two round trips instead of one.
+  const found = await sql.unsafe<
     {
       oid: string;
       schema: string;
@@ -78,12 +79,12 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       keys: { name: string; primary: boolean }[];
       pk: string[];
     }[]
-  >`
+  >(`
     WITH rel AS (
       SELECT c.oid, n.nspname
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-       WHERE c.relname = ${name}
+       WHERE c.relname = ${quoteLiteral(name)}
          AND c.relkind IN ('r', 'p')
          AND n.nspname = ANY (current_schemas(false))
        ORDER BY array_position(current_schemas(false), n.nspname)
@@ -121,7 +122,7 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE i.indrelid = rel.oid AND i.indisprimary AND k.ord <= i.indnkeyatts) AS pk
-      FROM rel`;
+      FROM rel`);
   if (found.length === 0) return undefined;
   const t = found[0];
   const uniqueColumns = [
@@ -153,6 +154,14 @@ export async function readTable(sql: Sql, name: string): Promise<TableInfo | und
       delete: t.can_delete,
     },
   };
+}
+
+/**
+ * A string constant for SQL text: an escape string (E'...'), read the same way whatever
+ * standard_conforming_strings says.
+ */
+export function quoteLiteral(text: string): string {
+  return `E'${text.replaceAll("\\", "\\\\").replaceAll("'", "''")}'`;
 }
 
 /** Quotes an identifier the way PostgreSQL's quote_ident does, always. */

@@ -1,4 +1,5 @@
 /** The fleet table: after each cycle the agent upserts its row in the remote sync_agents. */
+import { quoteLiteral } from "./columns.ts";
 import type { Sql } from "./db.ts";
 
 /** One cycle as the central side sees it. */
@@ -22,14 +23,22 @@ export interface Heartbeat {
  */
 export async function recordHeartbeat(sql: Sql, beat: Heartbeat): Promise<void> {
   const ok = beat.outcome === "ok";
-  await sql`
+  // Values in the text, not as parameters: postgres.js describes a new statement with
+  // parameters before running it, and this one runs once per connection, often through a
+  // slow link at the end of a cycle: one round trip instead of two.
+  const v = (x: string | number | null) =>
+    x === null ? "NULL" : typeof x === "number" ? String(Math.trunc(x)) : quoteLiteral(x);
+  await sql.unsafe(`
     INSERT INTO sync_agents AS a (agent_id, version, last_cycle_started_at, last_cycle_finished_at,
                                   last_outcome, last_success_at, rows_uploaded, rows_uploaded_total,
                                   rows_downloaded, queue_size, quarantined, last_error, updated_at)
-    VALUES (${beat.agentId}, ${beat.version}, ${beat.startedAt.toISOString()},
-            ${beat.finishedAt.toISOString()}, ${beat.outcome},
-            ${ok ? beat.finishedAt.toISOString() : null}, ${beat.uploaded}, ${beat.uploaded},
-            ${beat.downloaded}, ${beat.queueSize}, ${beat.quarantined}, ${beat.error}, now())
+    VALUES (${v(beat.agentId)}, ${v(beat.version)}, ${v(beat.startedAt.toISOString())}::timestamptz,
+            ${v(beat.finishedAt.toISOString())}::timestamptz, ${v(beat.outcome)},
+            ${v(ok ? beat.finishedAt.toISOString() : null)}::timestamptz, ${v(beat.uploaded)},
+            ${v(beat.uploaded)}, ${v(beat.downloaded)}, ${v(beat.queueSize)}, ${
+    v(beat.quarantined)
+  },
+            ${v(beat.error)}, now())
     ON CONFLICT (agent_id) DO UPDATE SET
       version = EXCLUDED.version,
       last_cycle_started_at = EXCLUDED.last_cycle_started_at,
@@ -42,5 +51,5 @@ export async function recordHeartbeat(sql: Sql, beat: Heartbeat): Promise<void> 
       queue_size = coalesce(EXCLUDED.queue_size, a.queue_size),
       quarantined = coalesce(EXCLUDED.quarantined, a.quarantined),
       last_error = EXCLUDED.last_error,
-      updated_at = now()`;
+      updated_at = now()`);
 }

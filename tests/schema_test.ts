@@ -1,7 +1,8 @@
 /** Tests of lib/columns.ts readTable, lib/schema.ts planUpload/formatIssues and comparedSchemas. */
 import assert from "node:assert/strict";
+import postgres from "postgres";
 import { freshDb } from "./_harness.ts";
-import { readTable } from "../lib/columns.ts";
+import { quoteIdent, readTable } from "../lib/columns.ts";
 import { comparedSchemas } from "../lib/commands/check_schema.ts";
 import { SchemaError } from "../lib/errors.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
@@ -299,6 +300,29 @@ Deno.test("a table named with capitals and a space is found and compared", async
   // Matched exactly: no case folding, no trimming.
   assert.equal(await readTable(db.sql, "meter readings"), undefined);
   assert.equal(await readTable(db.sql, '"Meter Readings"'), undefined);
+});
+
+Deno.test("readTable() takes a name with quotes and backslashes as it is, and nothing else", async () => {
+  await using db = await freshDb();
+  const name = `it's a \\ "table" \\'`;
+  await db.sql.unsafe(`CREATE TABLE ${quoteIdent(name)} (${BASE})`);
+  await db.sql.unsafe(`CREATE TABLE other (${BASE})`);
+  assert.equal((await readTable(db.sql, name))?.name, name);
+  for (const conforming of ["on", "off"]) {
+    // Under either reading of backslashes in string constants.
+    const sql = postgres(db.url, {
+      max: 1,
+      onnotice: () => {},
+      connection: { standard_conforming_strings: conforming },
+    });
+    try {
+      assert.equal((await readTable(sql, name))?.name, name);
+      assert.equal(await readTable(sql, `x' OR relname = 'other`), undefined);
+      assert.equal(await readTable(sql, `x\\' OR relname = 'other' --`), undefined);
+    } finally {
+      await sql.end();
+    }
+  }
 });
 
 Deno.test("comparedSchemas() throws a SchemaError naming the migrate command when a table is missing", async () => {
