@@ -28,17 +28,26 @@ export async function recordHeartbeat(sql: Sql, beat: Heartbeat): Promise<void> 
   // slow link at the end of a cycle: one round trip instead of two.
   const v = (x: string | number | null) =>
     x === null ? "NULL" : typeof x === "number" ? String(Math.trunc(x)) : quoteLiteral(x);
+  const at = (d: Date | null) => `${v(d && d.toISOString())}::timestamptz`;
+  const values = [
+    v(beat.agentId),
+    v(beat.version),
+    at(beat.startedAt),
+    at(beat.finishedAt),
+    v(beat.outcome),
+    at(ok ? beat.finishedAt : null),
+    v(beat.uploaded),
+    v(beat.uploaded),
+    v(beat.downloaded),
+    v(beat.queueSize),
+    v(beat.quarantined),
+    v(beat.error),
+  ];
   await sql.unsafe(`
     INSERT INTO sync_agents AS a (agent_id, version, last_cycle_started_at, last_cycle_finished_at,
                                   last_outcome, last_success_at, rows_uploaded, rows_uploaded_total,
                                   rows_downloaded, queue_size, quarantined, last_error, updated_at)
-    VALUES (${v(beat.agentId)}, ${v(beat.version)}, ${v(beat.startedAt.toISOString())}::timestamptz,
-            ${v(beat.finishedAt.toISOString())}::timestamptz, ${v(beat.outcome)},
-            ${v(ok ? beat.finishedAt.toISOString() : null)}::timestamptz, ${v(beat.uploaded)},
-            ${v(beat.uploaded)}, ${v(beat.downloaded)}, ${v(beat.queueSize)}, ${
-    v(beat.quarantined)
-  },
-            ${v(beat.error)}, now())
+    VALUES (${values.join(", ")}, now())
     ON CONFLICT (agent_id) DO UPDATE SET
       version = EXCLUDED.version,
       last_cycle_started_at = EXCLUDED.last_cycle_started_at,
