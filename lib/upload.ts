@@ -309,11 +309,21 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   // G7: both catalogs, every cycle, with the same code as check-schema.
   const plan = await retrying(
     "reading the schemas",
-    () =>
-      comparedSchemas(deps.local.sql, deps.remote.sql, table, claimEarly).catch(async (err) => {
-        await dropEarly(); // before a retry renews the pool it is on
+    async () => {
+      // The first batch's claim belongs to its attempt: the local catalog may come back after
+      // the remote's read has failed, and no claim may start then (the pool it would hold is
+      // renewed before the next attempt, or nobody would ever finish it).
+      let failed = false;
+      try {
+        return await comparedSchemas(deps.local.sql, deps.remote.sql, table, (info) => {
+          if (!failed) claimEarly(info);
+        });
+      } catch (err) {
+        failed = true;
+        await dropEarly();
         throw err;
-      }),
+      }
+    },
     transient,
   ).catch((err) => {
     throw err instanceof RetryError ? giveUp("reading the schemas", err) : err;

@@ -7,6 +7,7 @@ import { upload } from "../lib/upload.ts";
 import { openPool } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { startDelayProxy } from "../scripts/delay_proxy.ts";
+import { freePort } from "../lib/embedded.ts";
 import { server, type Sql } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
@@ -441,6 +442,46 @@ Deno.test("a remote NOT NULL column without default that the gateway lacks stops
   await assert.rejects(upload(p.deps(), { batchSize: 100 }), /"tariff_zone"/);
   // The first batch was claimed while the remote catalog was read: rolled back, not kept.
   assert.equal(await unclaimed(p.local.sql), 10);
+});
+
+Deno.test("a failed schema read leaves no claim behind, even when the local catalog answers after the remote failed", async () => {
+  await using p = await pair(50);
+  // The gateway behind a slow link, the remote refusing at once: the local catalog comes back
+  // after the cycle has already failed on the remote.
+  const proxy = startDelayProxy({ hostname: "127.0.0.1", port: p.local.server.port }, {
+    oneWayMs: 100,
+  });
+  const slowLocal = await openPool(
+    parseDatabaseUrl(throughProxy(p.local.url, proxy.port), "local"),
+    { max: 3 },
+  );
+  const refusing = await openPool(
+    parseDatabaseUrl(`postgres://nobody@127.0.0.1:${freePort()}/none`, "remote"),
+  );
+  try {
+    await assert.rejects(
+      upload(p.deps({ local: slowLocal, remote: refusing }), { batchSize: 100, maxRetries: 0 }),
+      CycleError,
+    );
+    const ran = async (pattern: string) =>
+      (await p.local.sql`
+        SELECT count(*)::int AS n FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND query LIKE ${pattern}`)[0].n > 0;
+    const until = Date.now() + 10_000;
+    while (!(await ran("%pg_catalog.pg_class%")) && Date.now() < until) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(await ran("%pg_catalog.pg_class%"), "the local catalog read never ran");
+    // A claim would follow within a few round trips (BEGIN, SET LOCAL, COPY: 0.6 s here).
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(await ran("COPY (SELECT%"), false, "a claim started after the cycle failed");
+    assert.equal(await unclaimed(p.local.sql), 50);
+  } finally {
+    await slowLocal.end();
+    await refusing.end();
+    await proxy.close();
+  }
 });
 
 Deno.test("behind a slow link the first batch is claimed while the remote's catalog is still on its way", async () => {
