@@ -485,9 +485,9 @@ Deno.test("a failed schema read leaves no claim behind, even when the local cata
 });
 
 Deno.test("behind a slow link the first batch is claimed while the remote's catalog is still on its way", async () => {
-  await using p = await pair(300);
+  await using p = await pair(200);
   const proxy = startDelayProxy({ hostname: "127.0.0.1", port: p.remote.server.port }, {
-    oneWayMs: 150,
+    oneWayMs: 250,
   });
   const slow = await openPool(parseDatabaseUrl(throughProxy(p.remote.url, proxy.port), "remote"));
   try {
@@ -499,7 +499,7 @@ Deno.test("behind a slow link the first batch is claimed while the remote's cata
     while (!locked) {
       locked = (await p.local.sql`
         SELECT count(*)::int AS n FROM (SELECT 1 FROM meter_readings FOR UPDATE SKIP LOCKED) s`)[0]
-        .n < 300;
+        .n < 200;
       if (!locked) await new Promise((r) => setTimeout(r, 10));
     }
     const seen = await p.remote.sql<{ query: string }[]>`
@@ -508,8 +508,8 @@ Deno.test("behind a slow link the first batch is claimed while the remote's cata
          AND (query LIKE '%pg_catalog.pg_class%' OR query LIKE 'COPY%')`;
     assert.deepEqual(seen.map((r) => r.query.slice(0, 40)), []);
     const result = await uploading;
-    assert.equal(result.uploaded, 300);
-    assert.deepEqual(await countDistinct(p.remote.sql), { rows: 300, ids: 300 });
+    assert.equal(result.uploaded, 200);
+    assert.deepEqual(await countDistinct(p.remote.sql), { rows: 200, ids: 200 });
   } finally {
     await slow.end();
     await proxy.close();
