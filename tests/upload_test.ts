@@ -459,9 +459,9 @@ Deno.test("a failed schema read leaves no claim behind, even when the local cata
     parseDatabaseUrl(`postgres://nobody@127.0.0.1:${freePort()}/none`, "remote"),
   );
   try {
+    // (Whatever the error: another test's server could take the free port meanwhile.)
     await assert.rejects(
       upload(p.deps({ local: slowLocal, remote: refusing }), { batchSize: 100, maxRetries: 0 }),
-      CycleError,
     );
     const ran = async (pattern: string) =>
       (await p.local.sql`
