@@ -515,13 +515,13 @@ export async function openPool(target: DbTarget, options: ConnectOptions = {}): 
 }
 
 /**
- * Closes a pool, giving queries still running `timeout` seconds to finish. A query whose
+ * Closes a pool, giving queries still running 5 s to finish. A query whose
  * socket died under it stays its connection's current query inside postgres.js, and
  * end() waits for it until the timeout: 5 s added to every cycle that lost the remote
  * during its heartbeat. With no socket of the pool still open nothing can finish, so
  * the pool closes at once.
  */
-export function closePool(sql: Sql, timeout = 5): Promise<void> {
+export function closePool(sql: Sql): Promise<void> {
   const open = [...(socketsOf.get(sql) ?? [])].some((socket) => !socket.destroyed);
-  return sql.end({ timeout: open ? timeout : 0 });
+  return sql.end({ timeout: open ? 5 : 0 });
 }

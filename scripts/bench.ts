@@ -14,7 +14,7 @@ import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { parseDuration } from "../lib/duration.ts";
-import { type DelayProxy, startDelayProxy } from "./delay_proxy.ts";
+import { type DelayProxy, startDelayProxy, viaProxy } from "./delay_proxy.ts";
 import { childEnv, shippedFlags } from "./shipped_flags.ts";
 import { peakRssKib, procStat } from "./proc.ts";
 
@@ -334,15 +334,6 @@ function psqlTarget(url: string): PsqlTarget {
     .map(([k, v]) => `${k}=${conninfoValue(v!)}`)
     .join(" ");
   return { conninfo, env: t.password !== undefined ? { PGPASSWORD: t.password } : {} };
-}
-
-/** The same URL, reached through the proxy. */
-function viaProxy(url: string, proxy: DelayProxy | undefined): string {
-  if (!proxy) return url;
-  const u = new URL(url);
-  u.hostname = proxy.hostname;
-  u.port = String(proxy.port);
-  return u.toString();
 }
 
 async function scalar<T>(sql: Sql, query: string): Promise<T> {

@@ -185,3 +185,12 @@ export function startDelayProxy(
     },
   };
 }
+
+/** The same URL, reached through the proxy (or as it is without one). */
+export function viaProxy(url: string, proxy: DelayProxy | undefined): string {
+  if (!proxy) return url;
+  const u = new URL(url);
+  u.hostname = proxy.hostname;
+  u.port = String(proxy.port);
+  return u.toString();
+}

@@ -4,9 +4,10 @@ import { CycleError, SchemaError } from "../lib/errors.ts";
 import { requeue } from "../lib/quarantine.ts";
 import { readStatus } from "../lib/status.ts";
 import { upload } from "../lib/upload.ts";
+import { LOCAL_CONNECTIONS } from "../lib/connections.ts";
 import { openPool } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
-import { startDelayProxy } from "../scripts/delay_proxy.ts";
+import { startDelayProxy, viaProxy } from "../scripts/delay_proxy.ts";
 import { freePort } from "../lib/embedded.ts";
 import { server, type Sql } from "./_harness.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
@@ -410,13 +411,6 @@ Deno.test("a permanent remote error is not retried and leaves every row in place
   assert.equal(await count(p.remote.sql), 0);
 });
 
-/** The URL with the port of a proxy in front of its server. */
-function throughProxy(url: string, port: number): string {
-  const u = new URL(url);
-  u.port = String(port);
-  return u.toString();
-}
-
 /** Readings nobody holds a lock on: FOR UPDATE NOWAIT fails on any row still claimed. */
 async function unclaimed(sql: Sql): Promise<number> {
   const [row] = await sql`
@@ -452,8 +446,8 @@ Deno.test("a failed schema read leaves no claim behind, even when the local cata
     oneWayMs: 100,
   });
   const slowLocal = await openPool(
-    parseDatabaseUrl(throughProxy(p.local.url, proxy.port), "local"),
-    { max: 3 },
+    parseDatabaseUrl(viaProxy(p.local.url, proxy), "local"),
+    { max: LOCAL_CONNECTIONS },
   );
   const refusing = await openPool(
     parseDatabaseUrl(`postgres://nobody@127.0.0.1:${freePort()}/none`, "remote"),
@@ -489,7 +483,7 @@ Deno.test("behind a slow link the first batch is claimed while the remote's cata
   const proxy = startDelayProxy({ hostname: "127.0.0.1", port: p.remote.server.port }, {
     oneWayMs: 250,
   });
-  const slow = await openPool(parseDatabaseUrl(throughProxy(p.remote.url, proxy.port), "remote"));
+  const slow = await openPool(parseDatabaseUrl(viaProxy(p.remote.url, proxy), "remote"));
   try {
     const uploading = upload(p.deps({ remote: slow }), { batchSize: 100 });
     uploading.catch(() => {});
