@@ -12,6 +12,7 @@ import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { type EmbeddedServer, postmasterPid, startEmbeddedServer } from "../lib/embedded.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
+import { queueCondition } from "../lib/status.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { parseDuration } from "../lib/duration.ts";
 import { type DelayProxy, startDelayProxy, viaProxy } from "./delay_proxy.ts";
@@ -31,8 +32,8 @@ const HELP = `deno task bench [flags]
   --rows N              backlog size (default 200000; 1000000 with --memory)
   --rtt DURATION        simulate a slow link to the remote, e.g. 50ms (a delaying TCP proxy)
   --batch-sizes LIST    batch sizes tried for meter-sync's best (default ${DEFAULT_BATCH_SIZES})
-  --only LIST           contenders to run: pipe,sync,original (default all three); meter-sync
-                        runs at batch size 100 too when the original design runs
+  --only LIST           contenders to run: pipe,locking-pipe,sync,original (default all four);
+                        meter-sync runs at batch size 100 too when the original design runs
   --parallel N          meter-sync's --parallel: upload lanes in flight at once (default 1)
   --repeat N            run each contender N times and report the median run (default 1): a
                         shared machine's figures vary by a fifth from one run to the next
@@ -46,11 +47,15 @@ const HELP = `deno task bench [flags]
   --results FILE        where to append the results (default bench/RESULTS.md)
   --no-results          print only`;
 
+/** (a) the pipe, (d) the pipe that also claims and deletes, (b) meter-sync, (c) the original. */
+const CONTENDERS = ["pipe", "locking-pipe", "sync", "original"] as const;
+type Contender = typeof CONTENDERS[number];
+
 interface Options {
   rows: number;
   rttMs: number;
   batchSizes: number[];
-  contenders: Set<"pipe" | "sync" | "original">;
+  contenders: Set<Contender>;
   memory: boolean;
   noPsql: boolean;
   localUrl?: string;
@@ -105,10 +110,10 @@ function parseOptions(args: string[]): Options {
     : values.memory
     ? [100, Math.max(...DEFAULT_BATCH_SIZES)]
     : DEFAULT_BATCH_SIZES;
-  const names = (values.only ?? "pipe,sync,original").split(",").map((s) => s.trim());
+  const names = (values.only ?? CONTENDERS.join(",")).split(",").map((s) => s.trim());
   for (const n of names) {
-    if (n !== "pipe" && n !== "sync" && n !== "original") {
-      fail(`--only takes pipe, sync and original, got "${n}"`);
+    if (!(CONTENDERS as readonly string[]).includes(n)) {
+      fail(`--only takes ${CONTENDERS.join(", ")}, got "${n}"`);
     }
   }
   if (Boolean(values["local-url"]) !== Boolean(values["remote-url"])) {
@@ -121,9 +126,7 @@ function parseOptions(args: string[]): Options {
     rows: values.rows ? positiveInt(values.rows, "--rows") : values.memory ? MEMORY_ROWS : 200_000,
     rttMs,
     batchSizes,
-    contenders: values.memory
-      ? new Set(["sync"])
-      : new Set(names as ("pipe" | "sync" | "original")[]),
+    contenders: values.memory ? new Set(["sync"]) : new Set(names as Contender[]),
     memory: values.memory,
     noPsql: values["no-psql"],
     localUrl: values["local-url"],
@@ -245,16 +248,27 @@ async function runProcess(
   return { code: status.code, seconds, peakKib: [seen.peakKib], cpu: seen.cpu, stdout, stderr };
 }
 
-/** psql LOCAL (COPY TO pstdout) | psql REMOTE (COPY FROM pstdin), counting the bytes between. */
+/**
+ * psql LOCAL (the commands, one of them COPY TO pstdout) | psql REMOTE (COPY FROM pstdin),
+ * counting the bytes between. -q keeps the other commands' tags out of the data.
+ */
 async function runPsqlPipe(
   local: PsqlTarget,
   remote: PsqlTarget,
-  copyOut: string,
+  senderCommands: string[],
   copyIn: string,
 ): Promise<ProcessRun> {
-  const psql = (target: PsqlTarget, command: string, io: "out" | "in") =>
+  const psql = (target: PsqlTarget, commands: string[], io: "out" | "in") =>
     new Deno.Command("psql", {
-      args: ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.conninfo, "-c", command],
+      args: [
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        target.conninfo,
+        ...commands.flatMap((c) => ["-c", c]),
+      ],
       env: { ...childEnv(), ...target.env },
       clearEnv: true,
       stdin: io === "in" ? "piped" : "null",
@@ -262,8 +276,8 @@ async function runPsqlPipe(
       stderr: "piped",
     }).spawn();
   const started = performance.now();
-  const sender = psql(local, copyOut, "out");
-  const receiver = psql(remote, copyIn, "in");
+  const sender = psql(local, senderCommands, "out");
+  const receiver = psql(remote, [copyIn], "in");
   children.add(sender);
   children.add(receiver);
   const watchSender = watchProcess(sender.pid);
@@ -441,7 +455,7 @@ async function runPipe(b: Bench, remoteUrl: string, usePsql: boolean): Promise<P
     return await runPsqlPipe(
       psqlTarget(b.localUrl),
       psqlTarget(remoteUrl),
-      `\\copy (SELECT ${cols} FROM ${TABLE}) TO pstdout (FORMAT binary)`,
+      [`\\copy (SELECT ${cols} FROM ${TABLE}) TO pstdout (FORMAT binary)`],
       `\\copy ${TABLE} (${cols}) FROM pstdin (FORMAT binary)`,
     );
   }
@@ -455,6 +469,32 @@ async function runPipe(b: Bench, remoteUrl: string, usePsql: boolean): Promise<P
   ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
   const result = parseBaseline(run.stdout);
   return { ...run, bytes: result?.bytes };
+}
+
+/**
+ * (d): the pipe of (a), but the sending side claims the queue as meter-sync does (in queue
+ * order, FOR UPDATE SKIP LOCKED) and deletes it in the same transaction. One batch, no
+ * idempotency, and the local commit does not wait for the remote's: not a design, a yardstick
+ * of the work on the local server that any agent which deletes what it delivers adds to the
+ * pipe, with no agent process of its own in the way.
+ */
+async function runLockingPipe(b: Bench, remoteUrl: string): Promise<ProcessRun> {
+  const cols = b.columns.map((c) => quoteIdent(c)).join(", ");
+  const mCols = b.columns.map((c) => `m.${quoteIdent(c)}`).join(", ");
+  // A backslash command ends at its line's end: the condition goes on one line.
+  const queued = queueCondition("m").replace(/\s+/g, " ");
+  return await runPsqlPipe(
+    psqlTarget(b.localUrl),
+    psqlTarget(remoteUrl),
+    [
+      "SET enable_seqscan = off", // the queue's index order, as meter-sync's claim reads it
+      "BEGIN",
+      `\\copy (SELECT ${mCols} FROM ${TABLE} m WHERE ${queued} ORDER BY m.createdat, m.id FOR UPDATE OF m SKIP LOCKED) TO pstdout (FORMAT binary)`,
+      `DELETE FROM ${TABLE} m WHERE ${queued}`,
+      "COMMIT",
+    ],
+    `\\copy ${TABLE} (${cols}) FROM pstdin (FORMAT binary)`,
+  );
 }
 
 function parseBaseline(stdout: string): BaselineResult | undefined {
@@ -702,6 +742,18 @@ function targets(outcomes: Outcome[], rows: number, rttMs: number, memory: boole
       } of (a) (target >= ${vsPipe}): ${verdict(r >= vsPipe)}`,
     );
   }
+  const locking = rate(ok.find((o) => o.key === "locking-pipe"));
+  if (locking && pipe) {
+    lines.push(
+      `- (d), the pipe that claims and deletes, with no agent in the way and in one batch: ${
+        (locking / pipe).toFixed(2)
+      } of (a), a ceiling for any agent that deletes what it delivers${
+        best
+          ? `; meter-sync at its best batch size: ${(rate(best)! / locking).toFixed(2)} of (d)`
+          : ""
+      }`,
+    );
+  }
   if (at100 && original) {
     const r = at100 / original;
     lines.push(
@@ -877,6 +929,19 @@ async function main(): Promise<number> {
         ),
       );
     }
+    if (opts.contenders.has("locking-pipe")) {
+      if (usePsql) {
+        outcomes.push(
+          await measure(
+            bench,
+            rows,
+            { key: "locking-pipe", label: "(d) psql pipe, claiming and deleting locally" },
+            () => runLockingPipe(bench, contenderRemote),
+            opts.repeat,
+          ),
+        );
+      } else console.log("(d) needs psql: not run");
+    }
     if (opts.contenders.has("sync")) {
       // Batch size 100 is what the original design is compared with: run it whenever (c)
       // runs. Without (c), only the sizes asked for (behind a slow link batch 100 takes minutes).
@@ -945,7 +1010,10 @@ async function main(): Promise<number> {
       "- CPU s: CPU time during the run of the local server, the remote server (every process of " +
       "each embedded server; ? with given URLs) and the contender's process(es); the machine has " +
       `${info.cpus} CPUs, so a run of W wall seconds has at most ${info.cpus}W to share`,
-      "- peak RSS: VmHWM of each process (the two psql processes of (a): sender + receiver)",
+      "- (d): the pipe of (a) whose sender claims the queue as meter-sync does (queue order, FOR " +
+      "UPDATE SKIP LOCKED) and deletes it in the same transaction: one batch, not idempotent, the " +
+      "local commit not waiting for the remote's; a yardstick, not a design",
+      "- peak RSS: VmHWM of each process (the two psql processes of (a) and (d): sender + receiver)",
       "- values: a hash of every remote row in PostgreSQL's text form equals the seeded rows'",
       "",
       ...table(outcomes, rows, mb),
