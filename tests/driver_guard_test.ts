@@ -41,3 +41,16 @@ Deno.test("a lost connection's unhandled rejection inside postgres.js does not e
   assert.equal(other.code, 1);
   assert.doesNotMatch(other.stdout, /survived/);
 });
+
+Deno.test("the driver's write to a closed socket is caught in its immediate, and the immediates behind it still run", async () => {
+  // Found by the chaos run (a gateway server stopped mid-batch): let out of its immediate,
+  // the TypeError left Deno's immediate queue pointing at the next immediate; a closing
+  // connection then cleared that one, and the queue's next turn ended the process.
+  const r = await rejectIn("null-socket");
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /survived/);
+  // The same TypeError from anywhere but the driver still ends the process.
+  const ours = await rejectIn("immediate-ours");
+  assert.equal(ours.code, 1);
+  assert.doesNotMatch(ours.stdout, /survived/);
+});
