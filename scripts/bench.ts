@@ -1010,9 +1010,13 @@ async function main(): Promise<number> {
       "- CPU s: CPU time during the run of the local server, the remote server (every process of " +
       "each embedded server; ? with given URLs) and the contender's process(es); the machine has " +
       `${info.cpus} CPUs, so a run of W wall seconds has at most ${info.cpus}W to share`,
-      "- (d): the pipe of (a) whose sender claims the queue as meter-sync does (queue order, FOR " +
-      "UPDATE SKIP LOCKED) and deletes it in the same transaction: one batch, not idempotent, the " +
-      "local commit not waiting for the remote's; a yardstick, not a design",
+      ...(outcomes.some((o) => o.key === "locking-pipe")
+        ? [
+          "- (d): the pipe of (a) whose sender claims the queue as meter-sync does (queue order, " +
+          "FOR UPDATE SKIP LOCKED) and deletes it in the same transaction: one batch, not " +
+          "idempotent, the local commit not waiting for the remote's; a yardstick, not a design",
+        ]
+        : []),
       "- peak RSS: VmHWM of each process (the two psql processes of (a) and (d): sender + receiver)",
       "- values: a hash of every remote row in PostgreSQL's text form equals the seeded rows'",
       "",
