@@ -10,6 +10,7 @@ import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { startDelayProxy, viaProxy } from "../scripts/delay_proxy.ts";
 import { freePort } from "../lib/embedded.ts";
 import { server, type Sql } from "./_harness.ts";
+import { waitFor } from "./_agent.ts";
 import { count, countDistinct, pair } from "./_sync_fixture.ts";
 
 Deno.test("upload() drains the queue in batches of --batch-size and leaves the local table empty", async () => {
@@ -462,11 +463,7 @@ Deno.test("a failed schema read leaves no claim behind, even when the local cata
         SELECT count(*)::int AS n FROM pg_stat_activity
          WHERE datname = current_database() AND pid <> pg_backend_pid()
            AND query LIKE ${pattern}`)[0].n > 0;
-    const until = Date.now() + 10_000;
-    while (!(await ran("%pg_catalog.pg_class%")) && Date.now() < until) {
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    assert.ok(await ran("%pg_catalog.pg_class%"), "the local catalog read never ran");
+    await waitFor("the local catalog read", () => ran("%pg_catalog.pg_class%"), 10_000);
     // A claim would follow within a few round trips (BEGIN, SET LOCAL, COPY: 0.6 s here).
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal(await ran("COPY (SELECT%"), false, "a claim started after the cycle failed");
@@ -489,13 +486,10 @@ Deno.test("behind a slow link the first batch is claimed while the remote's cata
     uploading.catch(() => {});
     // The moment the first readings are locked, the remote has not answered the catalog read
     // yet: the agent's remote session has run neither it nor a COPY.
-    let locked = false;
-    while (!locked) {
-      locked = (await p.local.sql`
+    await waitFor("the first readings locked", async () =>
+      (await p.local.sql`
         SELECT count(*)::int AS n FROM (SELECT 1 FROM meter_readings FOR UPDATE SKIP LOCKED) s`)[0]
-        .n < 200;
-      if (!locked) await new Promise((r) => setTimeout(r, 10));
-    }
+        .n < 200);
     const seen = await p.remote.sql<{ query: string }[]>`
       SELECT query FROM pg_stat_activity
        WHERE datname = current_database() AND pid <> pg_backend_pid()
