@@ -3,6 +3,7 @@ import { EventEmitter } from "node:events";
 import net from "node:net";
 import tls from "node:tls";
 import postgres from "postgres";
+import { coalesceCopyData } from "./copy_coalesce.ts";
 import type { DbTarget } from "./db_url.ts";
 import { ConfigError } from "./errors.ts";
 import { fileProblem, modeOf, readPasswordFile, tooOpen } from "./password_file.ts";
@@ -487,7 +488,8 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
         }
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
-        return socket;
+        // One CopyData message per COPY batch instead of one per row (see the module).
+        return coalesceCopyData(socket);
       },
     } as Record<string, unknown>),
   });

@@ -1,0 +1,146 @@
+/**
+ * Gathers the server's CopyData messages into one before postgres.js sees them.
+ *
+ * A COPY ... TO STDOUT sends one CopyData message per row, and postgres.js handles each on
+ * its own (three buffer slices, a dispatch, a push into a Readable and its 'data' event), on
+ * top of a fresh buffer per socket read that copyOut() then copies into the batch: for
+ * batches of rows of 100+ columns that was most of the agent's time on the read side. The
+ * filter sits between the socket and the driver's 'data' handler and copies the payload of a
+ * run of CopyData messages straight into one buffer, which it hands on as a single CopyData
+ * message when the run ends (CopyDone, an error, any other message) or reaches
+ * {@link GATHER_LIMIT}. COPY data is a byte stream whose message boundaries carry no meaning
+ * (splitRows() reads a batch as one buffer), so the driver's stream yields the same bytes,
+ * for a batch in one piece. Every other message goes through unchanged and in order; a
+ * chunk without CopyData is handed on as it came.
+ */
+import { Buffer } from "node:buffer";
+
+/** The CopyData message type ('d'). */
+const COPY_DATA = 0x64;
+
+/** Payload bytes after which a run is handed on in parts (a COPY read as a stream). */
+export const GATHER_LIMIT = 32 * 1024 * 1024;
+
+/** The smallest buffer a run starts with. */
+const MIN_BUFFER = 64 * 1024;
+
+type DataHandler = (chunk: Buffer) => void;
+
+/**
+ * Wraps a 'data' handler: `next` gets the same protocol stream, with each run of CopyData
+ * messages gathered into one message (or one per {@link GATHER_LIMIT} bytes).
+ */
+export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): DataHandler {
+  // Where the stream is, carried from chunk to chunk (a message may span several).
+  /** Header bytes of the current message read so far: 0 at a type byte, then 1 to 5. */
+  let header = 0;
+  /** The length field, assembled byte by byte. */
+  let length = 0;
+  /** Body bytes of the current message still to come. */
+  let left = 0;
+  /** The current message is CopyData. */
+  let copying = false;
+
+  /** The run being gathered: 5 bytes kept free for the header, then the payload. */
+  let run: Buffer | undefined;
+  let size = 0;
+  /** The size the next run's buffer starts with: COPY batches tend to be alike. */
+  let expect = MIN_BUFFER;
+
+  const gather = (bytes: Uint8Array) => {
+    if (!run) run = Buffer.allocUnsafe(5 + Math.max(expect, bytes.length));
+    else if (5 + size + bytes.length > run.length) {
+      const grown = Buffer.allocUnsafe(Math.max(2 * run.length, 5 + size + bytes.length));
+      grown.set(run.subarray(0, 5 + size));
+      run = grown;
+    }
+    run.set(bytes, 5 + size);
+    size += bytes.length;
+  };
+  const handOn = () => {
+    if (!run) return;
+    const message = run.subarray(0, 5 + size);
+    message[0] = COPY_DATA;
+    message.writeUInt32BE(size + 4, 1);
+    expect = Math.max(MIN_BUFFER, Math.min(limit, size + (size >> 3)));
+    run = undefined;
+    size = 0;
+    next(message);
+  };
+
+  return (chunk: Buffer) => {
+    const n = chunk.length;
+    const bytes = new Uint8Array(chunk.buffer, chunk.byteOffset, n);
+    /** Start of the bytes to pass on unchanged (-1: none pending). */
+    let pass = left > 0 || header > 0 ? (copying ? -1 : 0) : -1;
+    const passOn = (end: number) => {
+      if (pass < 0 || end <= pass) return;
+      next(pass === 0 && end === n ? chunk : chunk.subarray(pass, end));
+      pass = -1;
+    };
+    let i = 0;
+    while (i < n) {
+      if (left > 0) {
+        const take = Math.min(left, n - i);
+        if (copying) {
+          gather(bytes.subarray(i, i + take));
+          if (size >= limit) handOn();
+        }
+        i += take;
+        left -= take;
+        if (left === 0) header = 0;
+        continue;
+      }
+      if (header === 0) {
+        copying = bytes[i] === COPY_DATA;
+        if (copying) passOn(i); // what came before goes first; the header is dropped
+        else {
+          handOn(); // a run ends
+          if (pass < 0) pass = i;
+        }
+        header = 1;
+        length = 0;
+        i++;
+        continue;
+      }
+      length = length * 256 + bytes[i];
+      header++;
+      i++;
+      if (header === 5) {
+        left = Math.max(0, length - 4);
+        if (left === 0) header = 0;
+      }
+    }
+    passOn(n);
+  };
+}
+
+/**
+ * Puts the coalescer between a socket and the 'data' handler postgres.js registers on it
+ * (and takes it off again when the driver removes its handler).
+ */
+export function coalesceCopyData<S extends { on: unknown; removeListener: unknown }>(
+  socket: S,
+): S {
+  type Listener = (...args: unknown[]) => void;
+  const target = socket as unknown as {
+    on(event: string, fn: Listener): unknown;
+    removeListener(event: string, fn: Listener): unknown;
+    off(event: string, fn: Listener): unknown;
+  };
+  const on = target.on;
+  const removeListener = target.removeListener;
+  const wrapped = new Map<Listener, Listener>();
+  target.on = function (event, fn) {
+    if (event !== "data") return on.call(this, event, fn);
+    const filter = copyDataCoalescer(fn as DataHandler) as Listener;
+    wrapped.set(fn, filter);
+    return on.call(this, event, filter);
+  };
+  target.removeListener = target.off = function (event, fn) {
+    const filter = event === "data" ? wrapped.get(fn) : undefined;
+    if (filter) wrapped.delete(fn);
+    return removeListener.call(this, event, filter ?? fn);
+  };
+  return socket;
+}
