@@ -5,6 +5,7 @@ import { coalesceCopyData, copyDataCoalescer } from "../lib/copy_coalesce.ts";
 import { copyOut } from "../lib/copy_io.ts";
 import { connect } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
+import { seededRandom } from "../scripts/seeded_random.ts";
 import { freshDb } from "./_harness.ts";
 
 /** One protocol message: type byte, int32 length (itself included), body. */
@@ -57,12 +58,6 @@ function meaning(messages: Parsed[]): { type: string; body: number[] }[] {
   return out;
 }
 
-/** A deterministic generator, so that a failure replays. */
-function lcg(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
-}
-
 function randomStream(random: () => number): Uint8Array {
   const parts: Uint8Array[] = [];
   const types = ["d", "d", "d", "d", "D", "C", "Z", "H", "c", "E", "N"];
@@ -96,7 +91,7 @@ function feed(
 
 Deno.test("the coalescer hands on the same messages in order, CopyData bytes unchanged, whatever the chunking", () => {
   for (let seed = 1; seed <= 120; seed++) {
-    const random = lcg(seed);
+    const random = seededRandom(seed);
     const stream = randomStream(random);
     const maxChunk = [2, 3, 7, 64, 1000, 70000][seed % 6];
     const chunks = feed(stream, random, maxChunk, seed % 2 ? undefined : 1 + (seed % 500));
@@ -120,11 +115,11 @@ Deno.test("a run of CopyData over many chunks is handed on as one message, or in
     (_, i) => message("d", new Uint8Array(50).fill(i % 256)),
   );
   const stream = concat([message("H", new Uint8Array(3)), ...rows, message("c", new Uint8Array())]);
-  const whole = parse(concat(feed(stream, lcg(7), 700)));
+  const whole = parse(concat(feed(stream, seededRandom(7), 700)));
   assert.deepEqual(whole.map((m) => m.type), ["H", "d", "c"]);
   assert.equal(whole[1].body.length, 50_000);
   assert.deepEqual(whole[1].body, concat(rows.map((r) => r.subarray(5))));
-  const parts = parse(concat(feed(stream, lcg(7), 700, 20_000)));
+  const parts = parse(concat(feed(stream, seededRandom(7), 700, 20_000)));
   assert.deepEqual(parts.map((m) => m.type), ["H", "d", "d", "d", "c"]);
   assert.ok(parts.slice(1, 3).every((m) => m.body.length >= 20_000));
 });
