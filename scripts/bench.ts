@@ -36,7 +36,9 @@ const HELP = `deno task bench [flags]
                         meter-sync runs at batch size 100 too when the original design runs
   --parallel N          meter-sync's --parallel: upload lanes in flight at once (default 1)
   --repeat N            run each contender N times and report the median run (default 1): a
-                        shared machine's figures vary by a fifth from one run to the next
+                        shared machine's figures vary by a fifth from one run to the next; the
+                        runs go in rounds (every contender once per round), so that a ratio
+                        compares runs from the same minutes
   --memory              only meter-sync, with a ${MEMORY_ROWS}-row backlog, at batch sizes 100
                         and ${
   Math.max(...DEFAULT_BATCH_SIZES)
@@ -554,22 +556,44 @@ function runOriginal(b: Bench, remoteUrl: string, batchSize: number): Promise<Pr
 }
 
 /** Runs a contender `repeat` times; the median run by wall time (a failed run if any failed). */
-async function measure(
+/** A contender as the rounds run it: what it is and how to run it once. */
+interface Entry {
+  spec: { key: string; label: string; batchSize?: number };
+  run: () => Promise<ProcessRun>;
+}
+
+/**
+ * Runs every contender once per round, `repeat` rounds, and reports each one's median run. In
+ * rounds rather than one contender after the other, so that the runs behind a ratio come from
+ * the same minutes: this machine's speed drifts by a fifth from one stretch of minutes to the
+ * next. A contender that fails is reported by its failed run and not run again.
+ */
+async function measureRounds(
   b: Bench,
   rows: number,
-  spec: { key: string; label: string; batchSize?: number },
-  run: () => Promise<ProcessRun>,
+  entries: Entry[],
   repeat: number,
-): Promise<Outcome> {
-  const outcomes: Outcome[] = [];
-  for (let i = 0; i < repeat; i++) {
-    const outcome = await measureOnce(b, rows, spec, run);
-    if (!outcome.ok) return outcome;
-    outcomes.push(outcome);
+): Promise<Outcome[]> {
+  const done: Outcome[][] = entries.map(() => []);
+  const failed: (Outcome | undefined)[] = entries.map(() => undefined);
+  for (let round = 1; round <= repeat; round++) {
+    if (repeat > 1) {
+      console.log(`
+round ${round} of ${repeat}`);
+    }
+    for (const [i, entry] of entries.entries()) {
+      if (failed[i]) continue;
+      const outcome = await measureOnce(b, rows, entry.spec, entry.run);
+      if (outcome.ok) done[i].push(outcome);
+      else failed[i] = outcome;
+    }
   }
-  const runs = outcomes.map((o) => o.seconds);
-  const median = [...outcomes].sort((x, y) => x.seconds - y.seconds)[(repeat - 1) >> 1];
-  return { ...median, runs };
+  return entries.map((_, i) => {
+    if (failed[i]) return failed[i];
+    const runs = done[i];
+    const median = [...runs].sort((x, y) => x.seconds - y.seconds)[(runs.length - 1) >> 1];
+    return { ...median, runs: runs.map((o) => o.seconds) };
+  });
 }
 
 async function measureOnce(
@@ -916,30 +940,20 @@ async function main(): Promise<number> {
       }).output();
     }
 
-    const outcomes: Outcome[] = [];
     const rows = opts.rows;
+    const entries: Entry[] = [];
     if (opts.contenders.has("pipe")) {
-      outcomes.push(
-        await measure(
-          bench,
-          rows,
-          { key: "pipe", label: pipeLabel },
-          () => runPipe(bench, contenderRemote, usePsql),
-          opts.repeat,
-        ),
-      );
+      entries.push({
+        spec: { key: "pipe", label: pipeLabel },
+        run: () => runPipe(bench, contenderRemote, usePsql),
+      });
     }
     if (opts.contenders.has("locking-pipe")) {
       if (usePsql) {
-        outcomes.push(
-          await measure(
-            bench,
-            rows,
-            { key: "locking-pipe", label: "(d) psql pipe, claiming and deleting locally" },
-            () => runLockingPipe(bench, contenderRemote),
-            opts.repeat,
-          ),
-        );
+        entries.push({
+          spec: { key: "locking-pipe", label: "(d) psql pipe, claiming and deleting locally" },
+          run: () => runLockingPipe(bench, contenderRemote),
+        });
       } else console.log("(d) needs psql: not run");
     }
     if (opts.contenders.has("sync")) {
@@ -949,34 +963,25 @@ async function main(): Promise<number> {
         ? opts.batchSizes
         : [100, ...opts.batchSizes.filter((n) => n !== 100)];
       for (const size of sizes) {
-        outcomes.push(
-          await measure(
-            bench,
-            rows,
-            {
-              key: "sync",
-              label: `(b) meter-sync upload${
-                opts.parallel > 1 ? ` --parallel ${opts.parallel}` : ""
-              }`,
-              batchSize: size,
-            },
-            () => runSync(bench, contenderRemote, size, opts.parallel),
-            opts.repeat,
-          ),
-        );
+        entries.push({
+          spec: {
+            key: "sync",
+            label: `(b) meter-sync upload${
+              opts.parallel > 1 ? ` --parallel ${opts.parallel}` : ""
+            }`,
+            batchSize: size,
+          },
+          run: () => runSync(bench, contenderRemote, size, opts.parallel),
+        });
       }
     }
     if (opts.contenders.has("original")) {
-      outcomes.push(
-        await measure(
-          bench,
-          rows,
-          { key: "original", label: "(c) original design", batchSize: 100 },
-          () => runOriginal(bench, contenderRemote, 100),
-          opts.repeat,
-        ),
-      );
+      entries.push({
+        spec: { key: "original", label: "(c) original design", batchSize: 100 },
+        run: () => runOriginal(bench, contenderRemote, 100),
+      });
     }
+    const outcomes = await measureRounds(bench, rows, entries, opts.repeat);
 
     // Mark meter-sync's best batch size.
     const best = outcomes.filter((o) =>
@@ -1003,7 +1008,7 @@ async function main(): Promise<number> {
       }) over wall time; MB = 10^6 bytes`,
       "- wall s: from spawn to exit of the contender's process(es), start-up included" +
       (opts.repeat > 1
-        ? ` (the median of ${opts.repeat} runs, which the other columns describe; in brackets the fastest and slowest)`
+        ? ` (the median of ${opts.repeat} runs, which the other columns describe; in brackets the fastest and slowest; the runs go in rounds, every contender once per round)`
         : "") +
       "; " +
       "in-process s: the cycle's own figure (meter-sync's summary log line, the baseline's timer)",
