@@ -555,7 +555,6 @@ function runOriginal(b: Bench, remoteUrl: string, batchSize: number): Promise<Pr
   ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
 }
 
-/** Runs a contender `repeat` times; the median run by wall time (a failed run if any failed). */
 /** A contender as the rounds run it: what it is and how to run it once. */
 interface Entry {
   spec: { key: string; label: string; batchSize?: number };
@@ -577,10 +576,7 @@ async function measureRounds(
   const done: Outcome[][] = entries.map(() => []);
   const failed: (Outcome | undefined)[] = entries.map(() => undefined);
   for (let round = 1; round <= repeat; round++) {
-    if (repeat > 1) {
-      console.log(`
-round ${round} of ${repeat}`);
-    }
+    if (repeat > 1) console.log(`\nround ${round} of ${repeat}`);
     for (const [i, entry] of entries.entries()) {
       if (failed[i]) continue;
       const outcome = await measureOnce(b, rows, entry.spec, entry.run);
