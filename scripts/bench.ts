@@ -555,9 +555,12 @@ function runOriginal(b: Bench, remoteUrl: string, batchSize: number): Promise<Pr
   ], { LOCAL_DATABASE_URL: b.localUrl, REMOTE_DATABASE_URL: remoteUrl });
 }
 
+/** What a contender is: the part of its outcome known before it runs. */
+type Spec = Pick<Outcome, "key" | "label" | "batchSize">;
+
 /** A contender as the rounds run it: what it is and how to run it once. */
 interface Entry {
-  spec: { key: string; label: string; batchSize?: number };
+  spec: Spec;
   run: () => Promise<ProcessRun>;
 }
 
@@ -595,7 +598,7 @@ async function measureRounds(
 async function measureOnce(
   b: Bench,
   rows: number,
-  spec: { key: string; label: string; batchSize?: number },
+  spec: Spec,
   run: () => Promise<ProcessRun>,
 ): Promise<Outcome> {
   const resetSeconds = await resetDatabases(b);
