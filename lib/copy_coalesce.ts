@@ -12,6 +12,13 @@
  * boundaries carry no meaning (splitRows() reads a batch as one buffer), so the driver's
  * stream yields the same bytes, for a batch in one piece. Every other message goes through
  * unchanged and in order; a chunk without CopyData is handed on as it came.
+ *
+ * A reader done with a batch gives its memory back ({@link recycleCopyData}), and the next
+ * runs are gathered into it: on this machine (a virtual machine) fresh memory costs a page
+ * fault of about 10 µs per 4 KB on first touch, and a batch of 10,000 readings fills 11 MB
+ * (measured, three A/B pairs of runs, 200,000 readings at batch 10000: the agent's page faults
+ * 61,000-64,000 -> 44,000-46,000, its CPU time 2.7-3.2 -> 2.4-2.6 s, its peak RSS 235-242 ->
+ * 209-218 MiB).
  */
 import { Buffer } from "node:buffer";
 
@@ -25,6 +32,50 @@ const GATHER_LIMIT = 32 * 1024 * 1024;
 const MIN_BUFFER = 64 * 1024;
 
 type DataHandler = (chunk: Buffer) => void;
+
+/** Buffers given back by their readers, for the next runs: at most {@link SPARE_MAX}. */
+const spare: Buffer[] = [];
+/**
+ * Two: the batch that travels while the next is claimed gives its memory back before the
+ * one after is claimed. The largest are kept.
+ */
+const SPARE_MAX = 2;
+/** The backing stores of the buffers runs were gathered in: only those are taken back. */
+const issued = new WeakSet<ArrayBufferLike>();
+/** The size of the last run handed on, on any socket: the next one's first guess. */
+let expected = MIN_BUFFER;
+
+/** A buffer of at least `least` bytes: the smallest spare one that fits, else a new one. */
+function takeBuffer(least: number): Buffer {
+  let best = -1;
+  for (let i = 0; i < spare.length; i++) {
+    if (spare[i].length >= least && (best < 0 || spare[i].length < spare[best].length)) best = i;
+  }
+  if (best >= 0) return spare.splice(best, 1)[0];
+  // An eighth more than asked for: COPY batches are alike, not the same size.
+  const buffer = Buffer.allocUnsafe(least + (least >> 3));
+  issued.add(buffer.buffer);
+  return buffer;
+}
+
+/**
+ * Gives the memory of a run back once nothing refers to any of its bytes any more: the
+ * caller promises that neither it nor anything it handed the bytes to reads them again,
+ * since the next run is gathered into them. Bytes of any other buffer are ignored, and so
+ * is a buffer already given back.
+ */
+export function recycleCopyData(bytes: Uint8Array): void {
+  const backing = bytes.buffer;
+  if (!issued.has(backing) || spare.some((b) => b.buffer === backing)) return;
+  spare.push(Buffer.from(backing));
+  if (spare.length > SPARE_MAX) {
+    let smallest = 0;
+    for (let i = 1; i < spare.length; i++) {
+      if (spare[i].length < spare[smallest].length) smallest = i;
+    }
+    spare.splice(smallest, 1);
+  }
+}
 
 /**
  * Wraps a 'data' handler: `next` gets the same protocol stream, with each run of CopyData
@@ -44,14 +95,14 @@ export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): Data
   /** The run being gathered: 5 bytes kept free for the header, then the payload. */
   let run: Buffer | undefined;
   let size = 0;
-  /** The size the next run's buffer starts with: COPY batches tend to be alike. */
-  let expect = MIN_BUFFER;
 
   const gather = (bytes: Uint8Array) => {
-    if (!run) run = Buffer.allocUnsafe(5 + Math.max(expect, bytes.length));
+    // The last run's size is the first guess: COPY batches tend to be alike.
+    if (!run) run = takeBuffer(5 + Math.max(Math.min(limit, expected), bytes.length));
     else if (5 + size + bytes.length > run.length) {
-      const grown = Buffer.allocUnsafe(Math.max(2 * run.length, 5 + size + bytes.length));
+      const grown = takeBuffer(Math.max(2 * run.length, 5 + size + bytes.length));
       grown.set(run.subarray(0, 5 + size));
+      recycleCopyData(run);
       run = grown;
     }
     run.set(bytes, 5 + size);
@@ -62,7 +113,7 @@ export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): Data
     const message = run.subarray(0, 5 + size);
     message[0] = COPY_DATA;
     message.writeUInt32BE(size + 4, 1);
-    expect = Math.max(MIN_BUFFER, Math.min(limit, size + (size >> 3)));
+    expected = Math.max(MIN_BUFFER, size);
     run = undefined;
     size = 0;
     next(message);

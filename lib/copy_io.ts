@@ -1,5 +1,6 @@
 /** COPY streams over postgres.js, with the driver's two COPY pitfalls handled. */
 import type postgres from "postgres";
+import { recycleCopyData } from "./copy_coalesce.ts";
 
 /** A connection or a transaction: COPY works on both. */
 type Tx = postgres.Sql | postgres.TransactionSql;
@@ -35,6 +36,7 @@ export async function copyOut(tx: Tx, statement: string): Promise<Uint8Array> {
   for (const chunk of chunks) {
     data.set(chunk, at);
     at += chunk.length;
+    recycleCopyData(chunk); // copied: nothing reads it again
   }
   return data;
 }

@@ -3,6 +3,7 @@ import { getLogger } from "@logtape/logtape";
 import { type Column, quoteIdent, type TableInfo } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
+import { recycleCopyData } from "./copy_coalesce.ts";
 import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_format.ts";
 import { copyIn, copyOut, type OpenCopy, openCopyIn } from "./copy_io.ts";
 import { type Pool, resumeSockets } from "./db.ts";
@@ -184,6 +185,11 @@ interface Delivery {
   inserted: number;
   skipped: number;
   rejected: Rejection[];
+  /**
+   * The whole batch went in its first write: no COPY that failed ever had its bytes, so
+   * nothing refers to them once the write is answered (see recycleCopyData).
+   */
+  firstTry: boolean;
 }
 
 /** A cycle that has done nothing yet (a fresh object: upload() counts into it). */
@@ -413,6 +419,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       out.inserted += inserted;
       out.skipped += to - from - inserted;
       for (let i = from; i < to; i++) out.onRemote.push(batch.keys[i]);
+      if (ahead) out.firstTry = true; // only the first write of a batch has `ahead`
       return;
     } catch (err) {
       await cancelOpened(); // before the statements that isolate the fault
@@ -495,6 +502,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       inserted: 0,
       skipped: 0,
       rejected: [],
+      firstTry: false,
     };
     // The next batch's COPY is opened ahead once both this one's data is on its way and the
     // next batch is claimed, if this one's answer has not come yet.
@@ -540,6 +548,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       // While the remote ingests this batch, not between two batches, where it would wait.
       releaseMemory(options.memoryBudgetMb ?? 96);
       await delivering;
+      // Its memory gathers the batch after next (fresh memory costs page faults).
+      if (out.firstTry) recycleCopyData(current.batch.data);
       await prefetched?.claim.catch(() => {}); // its scans are over: now this batch may commit
       current.finish(out);
     } catch (err) {

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { EventEmitter } from "node:events";
-import { coalesceCopyData, copyDataCoalescer } from "../lib/copy_coalesce.ts";
+import { coalesceCopyData, copyDataCoalescer, recycleCopyData } from "../lib/copy_coalesce.ts";
 import { copyOut } from "../lib/copy_io.ts";
 import { connect } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
@@ -132,6 +132,81 @@ Deno.test("a chunk without CopyData goes on as the very same buffer", () => {
   );
   filter(chunk);
   assert.equal(got, chunk);
+});
+
+/**
+ * A run of `rows` CopyData messages of `width` bytes each (row i filled with fill(i)), then
+ * CopyDone, through `filter`; returns the CopyData message it handed on, not copied.
+ */
+function gatherRun(
+  filter: (chunk: Buffer) => void,
+  got: Buffer[],
+  rows: number,
+  width: number,
+  fill: (i: number) => number,
+): Buffer {
+  const before = got.length;
+  const stream = concat([
+    ...Array.from({ length: rows }, (_, i) => message("d", new Uint8Array(width).fill(fill(i)))),
+    message("c", new Uint8Array()),
+  ]);
+  for (let at = 0; at < stream.length; at += 65536) {
+    filter(Buffer.from(stream.subarray(at, at + 65536)));
+  }
+  const handed = got.slice(before);
+  assert.deepEqual(handed.map((m) => String.fromCharCode(m[0])), ["d", "c"]);
+  return handed[0];
+}
+
+/** Whether a message's payload is these bytes (deepEqual takes seconds over megabytes). */
+function carries(message: Buffer, bytes: Uint8Array): boolean {
+  return message.subarray(5).equals(bytes);
+}
+
+/** The payload a run of gatherRun() should carry. */
+function expectedRun(rows: number, width: number, fill: (i: number) => number): Uint8Array {
+  return concat(Array.from({ length: rows }, (_, i) => new Uint8Array(width).fill(fill(i))));
+}
+
+Deno.test("a run given back is reused for the next run, which carries its own bytes", () => {
+  // 3 MB runs: larger than anything other tests leave among the spare buffers.
+  const got: Buffer[] = [];
+  const filter = copyDataCoalescer((chunk) => got.push(chunk));
+  const first = gatherRun(filter, got, 3000, 1000, (i) => i % 251);
+  assert.ok(carries(first, expectedRun(3000, 1000, (i) => i % 251)));
+  const kept = gatherRun(filter, got, 3000, 1000, (i) => i % 13);
+  assert.notEqual(kept.buffer, first.buffer, "memory not given back is not reused");
+  recycleCopyData(first.subarray(5));
+  const next = gatherRun(filter, got, 3000, 1000, (i) => 255 - (i % 241));
+  assert.equal(next.buffer, first.buffer);
+  assert.ok(carries(next, expectedRun(3000, 1000, (i) => 255 - (i % 241))));
+  assert.ok(carries(kept, expectedRun(3000, 1000, (i) => i % 13)));
+});
+
+Deno.test("a run given back twice goes to one run only; foreign bytes are not taken", () => {
+  const got: Buffer[] = [];
+  const filter = copyDataCoalescer((chunk) => got.push(chunk));
+  const run = gatherRun(filter, got, 3100, 1000, (i) => i % 7);
+  recycleCopyData(run.subarray(5));
+  recycleCopyData(run.subarray(5));
+  const foreign = new Uint8Array(8_000_000);
+  recycleCopyData(foreign);
+  // Two runs gathered at once, on two sockets: each needs a buffer of its own.
+  const gotA: Buffer[] = [];
+  const gotB: Buffer[] = [];
+  const a = copyDataCoalescer((chunk) => gotA.push(chunk));
+  const b = copyDataCoalescer((chunk) => gotB.push(chunk));
+  const row = (fill: number) => Buffer.from(message("d", new Uint8Array(1000).fill(fill)));
+  for (let i = 0; i < 3100; i++) {
+    a(row(1));
+    b(row(2));
+  }
+  a(Buffer.from(message("c", new Uint8Array())));
+  b(Buffer.from(message("c", new Uint8Array())));
+  assert.notEqual(gotA[0].buffer, gotB[0].buffer);
+  assert.ok(gotA[0].buffer !== foreign.buffer && gotB[0].buffer !== foreign.buffer);
+  assert.ok(carries(gotA[0], new Uint8Array(3_100_000).fill(1)));
+  assert.ok(carries(gotB[0], new Uint8Array(3_100_000).fill(2)));
 });
 
 Deno.test("the socket wrapper filters the driver's data handler and removes it again", () => {

@@ -183,6 +183,20 @@ Deno.test("values arrive byte for byte: microseconds, numeric, floats, bigint pa
   assert.deepEqual([...after], [...before]);
 });
 
+Deno.test("batch after batch, each gathered in the memory of a batch already delivered, every row arrives as it left", async () => {
+  await using p = await pair(3000);
+  const snapshot = `SELECT id::text AS id, md5((r.*)::text) AS row FROM (
+      SELECT id, meter_id, createdat, status, error_text, voltage_l1_v, active_power_l1_w,
+             energy_import_kwh, register_raw, pulse_count, extra, tags, read_at
+        FROM meter_readings) r ORDER BY id`;
+  const before = await p.local.sql.unsafe(snapshot);
+  const result = await upload(p.deps(), { batchSize: 250 });
+  assert.equal(result.batches, 12);
+  const after = await p.remote.sql.unsafe(snapshot);
+  assert.equal(after.length, 3000);
+  assert.deepEqual([...after], [...before]);
+});
+
 Deno.test("values arrive byte for byte through text COPY when a column type widens", async () => {
   await using p = await pair(0);
   // real -> double precision: binary COPY cannot carry it, text COPY must.
