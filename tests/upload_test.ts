@@ -183,7 +183,7 @@ Deno.test("values arrive byte for byte: microseconds, numeric, floats, bigint pa
   assert.deepEqual([...after], [...before]);
 });
 
-Deno.test("batch after batch, each gathered in the memory of a batch already delivered, every row arrives as it left", async () => {
+Deno.test("twelve batches in a row arrive row for row as they left, batch memory reused along the way", async () => {
   await using p = await pair(3000);
   const snapshot = `SELECT id::text AS id, md5((r.*)::text) AS row FROM (
       SELECT id, meter_id, createdat, status, error_text, voltage_l1_v, active_power_l1_w,
