@@ -207,6 +207,12 @@ Deno.test("splitRows() refuses binary COPY data whose first column is not a uuid
   assert.throws(() => splitRows(nullFirst, "binary"), /expected a 16-byte uuid/);
 });
 
+Deno.test("splitRows() refuses a binary COPY row without fields: every row has a key", async () => {
+  await using f = await fixture();
+  const noColumns = await copyOut(f.sql, "SELECT FROM src WHERE n <= 2", "binary");
+  assert.throws(() => splitRows(noColumns, "binary"), /row without fields: no key/);
+});
+
 Deno.test("splitRows() refuses data that is not binary COPY at all", async () => {
   await using f = await fixture();
   const text = await copyOut(f.sql, ORDERED, "text");

@@ -1,7 +1,7 @@
 /** The upload engine against real PostgreSQL: the guarantees G1-G7 of SPEC §2, with faults injected. */
 import assert from "node:assert/strict";
 import { CycleError, SchemaError } from "../lib/errors.ts";
-import { requeue } from "../lib/quarantine.ts";
+import { pgArray, requeue } from "../lib/quarantine.ts";
 import { readStatus } from "../lib/status.ts";
 import { upload } from "../lib/upload.ts";
 import { LOCAL_CONNECTIONS } from "../lib/connections.ts";
@@ -245,6 +245,25 @@ Deno.test("a poison row in the middle of a 1,000-row batch is quarantined and th
   assert.equal(last.uploaded, 1);
   assert.equal(await count(p.local.sql), 0);
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 1000, ids: 1000 });
+});
+
+Deno.test("pgArray() passes uuids as they are and quotes other text; the server reads back every value", async () => {
+  await using p = await pair(0);
+  const values = [
+    "0f8fad5b-d9cb-469f-a165-70867728950e",
+    'quote " and backslash \\ and comma , and {braces}',
+    "NULL",
+    "",
+    " leading space",
+    "0F8FAD5B-D9CB-469F-A165-70867728950E",
+  ];
+  const literal = pgArray(values);
+  assert.ok(literal.startsWith("{0f8fad5b-d9cb-469f-a165-70867728950e,"));
+  const [{ back }] = await p.local.sql`SELECT ${literal}::text[] AS back`;
+  assert.deepEqual(back, values);
+  const ids = ["0f8fad5b-d9cb-469f-a165-70867728950e", "7c9e6679-7425-40de-944b-e07fc1f90ae7"];
+  const [{ uuids }] = await p.local.sql`SELECT ${pgArray(ids)}::uuid[]::text[] AS uuids`;
+  assert.deepEqual(uuids, ids);
 });
 
 Deno.test("several poison rows of class 22 are isolated without a line hint (bisection)", async () => {
