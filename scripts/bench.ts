@@ -37,8 +37,9 @@ const HELP = `deno task bench [flags]
   --parallel N          meter-sync's --parallel: upload lanes in flight at once (default 1)
   --repeat N            run each contender N times and report the median run (default 1): a
                         shared machine's figures vary by a fifth from one run to the next; the
-                        runs go in rounds (every contender once per round), so that a ratio
-                        compares runs from the same minutes
+                        runs go in rounds (every contender once per round, each round starting
+                        one contender further on), so that a ratio compares runs from the same
+                        minutes and no contender always runs in the same place of a round
   --memory              only meter-sync, with a ${MEMORY_ROWS}-row backlog, at batch sizes 100
                         and ${
   Math.max(...DEFAULT_BATCH_SIZES)
@@ -568,7 +569,9 @@ interface Entry {
  * Runs every contender once per round, `repeat` rounds, and reports each one's median run. In
  * rounds rather than one contender after the other, so that the runs behind a ratio come from
  * the same minutes: this machine's speed drifts by a fifth from one stretch of minutes to the
- * next. A contender that fails is reported by its failed run and not run again.
+ * next. Each round starts one contender further on: in two runs with a fixed order the
+ * contender in third place was slow in all three rounds, whichever it was. A contender that
+ * fails is reported by its failed run and not run again.
  */
 async function measureRounds(
   b: Bench,
@@ -580,8 +583,10 @@ async function measureRounds(
   const failed: (Outcome | undefined)[] = entries.map(() => undefined);
   for (let round = 1; round <= repeat; round++) {
     if (repeat > 1) console.log(`\nround ${round} of ${repeat}`);
-    for (const [i, entry] of entries.entries()) {
+    for (let k = 0; k < entries.length; k++) {
+      const i = (k + round - 1) % entries.length;
       if (failed[i]) continue;
+      const entry = entries[i];
       const outcome = await measureOnce(b, rows, entry.spec, entry.run);
       if (outcome.ok) done[i].push(outcome);
       else failed[i] = outcome;
@@ -1007,7 +1012,7 @@ async function main(): Promise<number> {
       }) over wall time; MB = 10^6 bytes`,
       "- wall s: from spawn to exit of the contender's process(es), start-up included" +
       (opts.repeat > 1
-        ? ` (the median of ${opts.repeat} runs, which the other columns describe; in brackets the fastest and slowest; the runs go in rounds, every contender once per round)`
+        ? ` (the median of ${opts.repeat} runs, which the other columns describe; in brackets the fastest and slowest; the runs go in rounds, every contender once per round, each round starting one contender further on)`
         : "") +
       "; " +
       "in-process s: the cycle's own figure (meter-sync's summary log line, the baseline's timer)",
