@@ -35,8 +35,11 @@ export async function requeue(sql: Sql, ids: "all" | string[]): Promise<number> 
   return result.count;
 }
 
-/** Text an array literal can hold as it is: a uuid in PostgreSQL's form. */
-const PLAIN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+/**
+ * A uuid in PostgreSQL's text form: it can go into SQL text or an array literal as it is,
+ * with nothing to quote.
+ */
+export const UUID_TEXT = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /**
  * A PostgreSQL array literal of text values, for one parameter (no per-value round trip).
@@ -44,7 +47,9 @@ const PLAIN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
  */
 export function pgArray(values: string[]): string {
   return `{${
-    values.map((v) => PLAIN.test(v) ? v : `"${v.replaceAll("\\", "\\\\").replaceAll('"', '\\"')}"`)
+    values.map((v) =>
+      UUID_TEXT.test(v) ? v : `"${v.replaceAll("\\", "\\\\").replaceAll('"', '\\"')}"`
+    )
       .join(",")
   }}`;
 }

@@ -8,7 +8,7 @@ import { type CopyBatch, type CopyFormat, payloadOf, splitRows } from "./copy_fo
 import { copyIn, copyOut, type OpenCopy, openCopyIn } from "./copy_io.ts";
 import { type Pool, resumeSockets } from "./db.ts";
 import { classifyError, CycleError, describeError, SchemaError, sqlState } from "./errors.ts";
-import { pgArray, quarantineRows, type Rejection } from "./quarantine.ts";
+import { pgArray, quarantineRows, type Rejection, UUID_TEXT } from "./quarantine.ts";
 import { retry, RetryError } from "./retry.ts";
 import { expectedPlan, formatIssues, type SchemaPlan } from "./schema.ts";
 import { queueCondition } from "./status.ts";
@@ -130,9 +130,6 @@ function sameTravel(a: Travel, b: Travel): boolean {
   return a.format === b.format && a.sql.claim(1) === b.sql.claim(1) &&
     a.sql.remove === b.sql.remove;
 }
-
-/** A key that can go into the claim's text as it is (a text-format key might need quoting). */
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** A duplicate key on the idempotency key: the batch (or part of it) is on the remote already. */
 function isReplay(err: unknown, key: string): boolean {
@@ -524,9 +521,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       const more = () =>
         !deps.signal?.aborted &&
         (options.maxBatches === undefined || result.batches + 1 < options.maxBatches);
-      // A key that can go into the claim's text bounds the scan (see Statements.claim).
+      // A key that can go into the claim's text as it is (a text-format key might need
+      // quoting) bounds the scan (see Statements.claim).
       const last = current.batch.keys[current.batch.keys.length - 1];
-      const after = UUID.test(last) ? last : undefined;
+      const after = UUID_TEXT.test(last) ? last : undefined;
       if (more() && after !== undefined && current.ordered) {
         prefetched = { claim: claim(travel, after) };
         prefetched.claim.catch(() => {}); // awaited by the next batch, or dropped
