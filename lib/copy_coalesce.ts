@@ -45,12 +45,18 @@ const issued = new WeakSet<ArrayBufferLike>();
 /** The size of the last run handed on, on any socket: the next one's first guess. */
 let expected = MIN_BUFFER;
 
-/** A buffer of at least `least` bytes: the smallest spare one that fits, else a new one. */
-function takeBuffer(least: number): Buffer {
+/** Where the smallest spare buffer of at least `least` bytes is, or -1. */
+function smallestSpare(least: number): number {
   let best = -1;
   for (let i = 0; i < spare.length; i++) {
     if (spare[i].length >= least && (best < 0 || spare[i].length < spare[best].length)) best = i;
   }
+  return best;
+}
+
+/** A buffer of at least `least` bytes: the smallest spare one that fits, else a new one. */
+function takeBuffer(least: number): Buffer {
+  const best = smallestSpare(least);
   if (best >= 0) return spare.splice(best, 1)[0];
   // An eighth more than asked for: COPY batches are alike, not the same size.
   const buffer = Buffer.allocUnsafe(least + (least >> 3));
@@ -68,13 +74,7 @@ export function recycleCopyData(bytes: Uint8Array): void {
   const backing = bytes.buffer;
   if (!issued.has(backing) || spare.some((b) => b.buffer === backing)) return;
   spare.push(Buffer.from(backing));
-  if (spare.length > SPARE_MAX) {
-    let smallest = 0;
-    for (let i = 1; i < spare.length; i++) {
-      if (spare[i].length < spare[smallest].length) smallest = i;
-    }
-    spare.splice(smallest, 1);
-  }
+  if (spare.length > SPARE_MAX) spare.splice(smallestSpare(0), 1);
 }
 
 /**
