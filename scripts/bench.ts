@@ -262,9 +262,9 @@ const PIPE_TIMES = "meter-sync-bench-times";
 /**
  * psql LOCAL | psql REMOTE, joined by bash with an OS pipe as a shell user would type it:
  * nothing else touches the bytes between (an earlier version relayed them through this
- * process to count them, which cost the pipe a tenth of its speed). The CPU time of both psql
- * processes comes from bash's `times` once it has reaped them; their peak RSS from watching
- * them. -q keeps the other commands' tags out of the data.
+ * process to count them, which took CPU from the pipe: 3-10 % of its speed on 2 cores).
+ * The CPU time of both psql processes comes from bash's `times` once it has reaped them;
+ * their peak RSS from watching them. -q keeps the other commands' tags out of the data.
  */
 const PIPE_SCRIPT = `set -o pipefail
 n=$1; shift
@@ -363,7 +363,7 @@ async function runPsqlPipe(
   return {
     code: status.code,
     seconds,
-    peakKib: seen.map((s) => s.peakKib),
+    peakKib: seen.length ? seen.map((s) => s.peakKib) : [0], // none seen: it failed at once
     cpu: cpu ?? seen.reduce((sum, s) => sum + s.cpu, 0),
     stdout: "",
     stderr: stderr.slice(0, Math.max(0, stderr.lastIndexOf(`${PIPE_TIMES}\n`))).trim(),
