@@ -20,8 +20,6 @@ export interface BaselineResult {
   mode: "original" | "pipe";
   rows: number;
   batches: number;
-  /** Bytes of COPY data moved (pipe only). */
-  bytes: number;
   /** Measured inside the process, without its start-up. */
   seconds: number;
 }
@@ -53,7 +51,7 @@ async function original(localUrl: string, remoteUrl: string, batchSize: number) 
       rows += deleted.count;
       batches++;
     }
-    return { rows, batches, bytes: 0, seconds: (performance.now() - started) / 1000 };
+    return { rows, batches, seconds: (performance.now() - started) / 1000 };
   } finally {
     await local.end({ timeout: 5 });
     await remote.end({ timeout: 5 });
@@ -79,10 +77,8 @@ async function pipe(localUrl: string, remoteUrl: string) {
       `COPY ${quoteIdent(TABLE)} (${cols}) FROM STDIN (FORMAT binary)`,
     ) as unknown as CopyQuery;
     const into = await copyIn.writable();
-    let bytes = 0;
     await new Promise<void>((resolve, reject) => {
       out.on("data", (chunk: Uint8Array) => {
-        bytes += chunk.length;
         if (!into.write(chunk)) out.pause();
       });
       into.on("drain", () => out.resume());
@@ -94,7 +90,7 @@ async function pipe(localUrl: string, remoteUrl: string) {
     resumeSockets(local);
     await copyIn;
     const [{ n }] = await remote<{ n: string }[]>`SELECT count(*) AS n FROM ${remote(TABLE)}`;
-    return { rows: Number(n), batches: 1, bytes, seconds: (performance.now() - started) / 1000 };
+    return { rows: Number(n), batches: 1, seconds: (performance.now() - started) / 1000 };
   } finally {
     await local.end({ timeout: 5 });
     await remote.end({ timeout: 5 });
