@@ -21,6 +21,7 @@
  * 209-218 MiB).
  */
 import { Buffer } from "node:buffer";
+import type { ReusedReads } from "./socket_reads.ts";
 
 /** The CopyData message type ('d'). */
 const COPY_DATA = 0x64;
@@ -79,9 +80,15 @@ export function recycleCopyData(bytes: Uint8Array): void {
 
 /**
  * Wraps a 'data' handler: `next` gets the same protocol stream, with each run of CopyData
- * messages gathered into one message (or one per {@link GATHER_LIMIT} bytes).
+ * messages gathered into one message (or one per {@link GATHER_LIMIT} bytes). `copyPassed`:
+ * the chunks are a reused buffer's (see socket_reads.ts), so the bytes handed on unchanged
+ * are handed on as copies.
  */
-export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): DataHandler {
+export function copyDataCoalescer(
+  next: DataHandler,
+  limit = GATHER_LIMIT,
+  copyPassed = false,
+): DataHandler {
   // Where the stream is, carried from chunk to chunk (a message may span several).
   /** Header bytes of the current message read so far: 0 at a type byte, then 1 to 5. */
   let header = 0;
@@ -126,7 +133,8 @@ export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): Data
     let pass = left > 0 || header > 0 ? (copying ? -1 : 0) : -1;
     const passOn = (end: number) => {
       if (pass < 0 || end <= pass) return;
-      next(pass === 0 && end === n ? chunk : chunk.subarray(pass, end));
+      const part = pass === 0 && end === n ? chunk : chunk.subarray(pass, end);
+      next(copyPassed ? Buffer.from(part) : part);
       pass = -1;
     };
     let i = 0;
@@ -168,10 +176,12 @@ export function copyDataCoalescer(next: DataHandler, limit = GATHER_LIMIT): Data
 
 /**
  * Puts the coalescer between a socket and the 'data' handler postgres.js registers on it
- * (and takes it off again when the driver removes its handler).
+ * (and takes it off again when the driver removes its handler). A socket that reads into a
+ * reused buffer (`reads`) emits no 'data' events: the handler gets its reads instead.
  */
 export function coalesceCopyData<S extends { on: unknown; removeListener: unknown }>(
   socket: S,
+  reads?: ReusedReads,
 ): S {
   type Listener = (...args: unknown[]) => void;
   const target = socket as unknown as {
@@ -184,11 +194,19 @@ export function coalesceCopyData<S extends { on: unknown; removeListener: unknow
   const wrapped = new Map<Listener, Listener>();
   target.on = function (event, fn) {
     if (event !== "data") return on.call(this, event, fn);
+    if (reads) {
+      reads.consume(copyDataCoalescer(fn as DataHandler, GATHER_LIMIT, true), fn);
+      return this;
+    }
     const filter = copyDataCoalescer(fn as DataHandler) as Listener;
     wrapped.set(fn, filter);
     return on.call(this, event, filter);
   };
   target.removeListener = target.off = function (event, fn) {
+    if (reads && event === "data") {
+      reads.release(fn);
+      return this;
+    }
     const filter = event === "data" ? wrapped.get(fn) : undefined;
     if (filter) wrapped.delete(fn);
     return removeListener.call(this, event, filter ?? fn);

@@ -1,12 +1,17 @@
 /** COPY streams over postgres.js, with the driver's two COPY pitfalls handled. */
 import type postgres from "postgres";
+import { Buffer } from "node:buffer";
 import { recycleCopyData } from "./copy_coalesce.ts";
+import { writerOf } from "./socket_writes.ts";
 
 /** A connection or a transaction: COPY works on both. */
 type Tx = postgres.Sql | postgres.TransactionSql;
 
 /** Bytes per CopyData message. */
 const COPY_CHUNK = 64 * 1024;
+
+/** The CopyData message type ('d'). */
+const COPY_DATA = 0x64;
 
 type CopyQuery = Promise<unknown> & {
   reject: (err: unknown) => void;
@@ -50,6 +55,8 @@ export interface OpenCopy {
   write(payload: Uint8Array, onSent?: () => void): Promise<void>;
   /** Abandons it (CopyFail): the server rolls it back and answers with an error, ignored. */
   cancel(): void;
+  /** Whether the last write() went straight onto the connection's socket (see write()). */
+  readonly direct: boolean;
 }
 
 /**
@@ -90,7 +97,11 @@ export async function openCopyIn(tx: Tx, statement: string): Promise<OpenCopy> {
     failure ??= err;
     fail(failure);
   });
+  let direct = false;
   return {
+    get direct() {
+      return direct;
+    },
     write: (payload, onSent) =>
       new Promise<void>((resolve, rejectCopy) => {
         if (failure) return rejectCopy(failure);
@@ -106,10 +117,28 @@ export async function openCopyIn(tx: Tx, statement: string): Promise<OpenCopy> {
             if (!failure) onSent();
           };
         }
+        // The driver's stream frames each chunk as a CopyData message by copying it into
+        // fresh memory: 11 MB per batch of 10,000 readings, each page a page fault on this
+        // machine (0.3 CPU s of the agent's 2.3 for 200,000 readings, measured 2026-11-26).
+        // So the data goes straight onto the socket the stream writes to, found by watching
+        // where an empty CopyData message (which the server takes as no data) goes; the
+        // stream's end() then writes CopyDone after it, in order. Should the driver ever write
+        // elsewhere or later, the chunks go through the stream as before.
+        const socket = writerOf(() => stream.write(new Uint8Array(0)));
+        direct = socket !== undefined;
         // Slices, not one giant CopyData message: the server parses rows as they arrive
         // instead of waiting for the whole batch.
         for (let at = 0; at < payload.length; at += COPY_CHUNK) {
-          stream.write(payload.subarray(at, at + COPY_CHUNK));
+          const part = payload.subarray(at, at + COPY_CHUNK);
+          if (!socket) {
+            stream.write(part);
+            continue;
+          }
+          const header = Buffer.allocUnsafe(5);
+          header[0] = COPY_DATA;
+          header.writeUInt32BE(part.length + 4, 1);
+          socket.write(header);
+          socket.write(part);
         }
         stream.end();
       }),

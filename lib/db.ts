@@ -4,6 +4,8 @@ import net from "node:net";
 import tls from "node:tls";
 import postgres from "postgres";
 import { coalesceCopyData } from "./copy_coalesce.ts";
+import { type ReusedReads, reusedReads } from "./socket_reads.ts";
+import { noteWrites } from "./socket_writes.ts";
 import type { DbTarget } from "./db_url.ts";
 import { ConfigError } from "./errors.ts";
 import { fileProblem, modeOf, readPasswordFile, tooOpen } from "./password_file.ts";
@@ -190,7 +192,7 @@ function handshakeError(err: unknown, target: DbTarget, plan: TlsPlan): Error {
 /** PostgreSQL's SSLRequest: length 8, code 1234.5679. */
 const SSL_REQUEST = new Uint8Array([0, 0, 0, 8, 4, 210, 22, 47]);
 
-type HostSocket = net.Socket & { host?: string; port?: number };
+type HostSocket = net.Socket & { host?: string; port?: number; reads?: ReusedReads };
 
 /**
  * A TCP socket of our own with Nagle's algorithm off (postgres.js never disables it, and
@@ -198,23 +200,47 @@ type HostSocket = net.Socket & { host?: string; port?: number };
  * here rather than by postgres.js: so that TLS failures get a clear message, `require`
  * refuses a server without TLS (postgres.js would start a handshake anyway), and
  * resumeSockets() sees the socket postgres.js actually reads from.
+ *
+ * A socket that may stay unencrypted reads into a buffer of its own (`reuse`, see
+ * socket_reads.ts). Deno's TLS layer cannot take such a socket over, so when a server
+ * offers TLS to `prefer`, the socket is dropped and a second one negotiates TLS.
  */
-function openSocket(target: DbTarget, plan: TlsPlan): Promise<HostSocket> {
+function openSocket(
+  target: DbTarget,
+  plan: TlsPlan,
+  reuse = plan.use !== "require",
+): Promise<HostSocket> {
   return new Promise((resolve, reject) => {
     let settled = false;
     let secure: tls.TLSSocket | undefined;
-    const raw = net.connect({ host: target.host, port: target.port });
-    const settle = (err: Error | undefined, socket?: HostSocket) => {
+    const reads = reuse ? reusedReads() : undefined;
+    const raw: HostSocket = net.connect({
+      host: target.host,
+      port: target.port,
+      ...(reads && { onread: reads.onread }),
+    });
+    /** Ends this attempt: with an error, with the socket to use, or handing over to `next`. */
+    const settle = (err: Error | undefined, socket?: HostSocket, next?: Promise<HostSocket>) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
       raw.removeListener("close", onClose);
       raw.removeListener("error", onError);
       secure?.removeListener("error", onHandshakeError);
-      if (err) {
+      if (err || next) {
         // Late errors of sockets we give up on must not become uncaught exceptions.
         for (const s of [secure, raw]) s?.on("error", () => {}).destroy();
-        return reject(err);
+        return next ? next.then(resolve, reject) : reject(err);
+      }
+      if (socket === raw && reads) {
+        raw.reads = reads;
+        // pause() would stop the reads for real (not just the events, as it does otherwise),
+        // and postgres.js pauses behind a COPY TO stream and may never resume: a read left
+        // unread then kept even the connection's end from being seen. Nothing is gained by
+        // pausing: every COPY read here is a batch, bounded by --batch-size, and read whole.
+        raw.pause = function () {
+          return this;
+        };
       }
       // postgres.js names host and port in its connection errors.
       socket!.host = target.host;
@@ -244,7 +270,7 @@ function openSocket(target: DbTarget, plan: TlsPlan): Promise<HostSocket> {
       raw.setKeepAlive(true, 30_000);
       if (plan.use === "never") return settle(undefined, raw);
       raw.write(SSL_REQUEST);
-      raw.once("data", (answer: Uint8Array) => {
+      const onAnswer = (answer: Uint8Array) => {
         // Exactly one byte: anything after it was sent before the handshake, unencrypted,
         // and must not be read as coming from the server (CVE-2021-23222).
         if (answer.length !== 1 || (answer[0] !== 0x53 && answer[0] !== 0x4e)) {
@@ -268,6 +294,7 @@ function openSocket(target: DbTarget, plan: TlsPlan): Promise<HostSocket> {
             ),
           );
         }
+        if (reads) return settle(undefined, undefined, openSocket(target, plan, false));
         const upgraded = tls.connect({ ...plan.options, socket: raw });
         secure = upgraded;
         upgraded.on("error", onHandshakeError);
@@ -276,6 +303,11 @@ function openSocket(target: DbTarget, plan: TlsPlan): Promise<HostSocket> {
           raw.on("error", (err) => upgraded.destroy(err));
           settle(undefined, upgraded as HostSocket);
         });
+      };
+      if (!reads) return raw.once("data", onAnswer);
+      reads.consume((answer) => {
+        reads.release(undefined);
+        onAnswer(answer);
       });
     });
   });
@@ -489,7 +521,7 @@ export async function connect(target: DbTarget, options: ConnectOptions = {}): P
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
         // One CopyData message per COPY batch instead of one per row (see the module).
-        return coalesceCopyData(socket);
+        return noteWrites(coalesceCopyData(socket, socket.reads));
       },
     } as Record<string, unknown>),
   });

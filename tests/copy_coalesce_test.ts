@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { EventEmitter } from "node:events";
 import { coalesceCopyData, copyDataCoalescer, recycleCopyData } from "../lib/copy_coalesce.ts";
-import { copyOut } from "../lib/copy_io.ts";
+import { copyOut, openCopyIn } from "../lib/copy_io.ts";
+import { reusedReads } from "../lib/socket_reads.ts";
 import { connect } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { seededRandom } from "../scripts/seeded_random.ts";
@@ -209,6 +210,47 @@ Deno.test("a run given back twice goes to one run only; foreign bytes are not ta
   assert.ok(carries(gotB[0], new Uint8Array(3_100_000).fill(2)));
 });
 
+Deno.test("read into a reused buffer, the bytes handed on unchanged are copies the next read cannot overwrite", () => {
+  const got: Buffer[] = [];
+  const filter = copyDataCoalescer((chunk) => got.push(chunk), undefined, true);
+  const reused = Buffer.from(
+    concat([message("D", new Uint8Array([1, 2, 3])), message("d", new Uint8Array([4]))]),
+  );
+  filter(reused);
+  reused.fill(0); // the next read lands in the same buffer
+  filter(Buffer.from(message("c", new Uint8Array())));
+  assert.deepEqual(meaning(parse(concat(got))), [
+    { type: "D", body: [1, 2, 3] },
+    { type: "d", body: [4] },
+    { type: "c", body: [] },
+  ]);
+});
+
+Deno.test("on a socket that reads into a reused buffer, the driver's handler gets the reads, filtered, until removed", () => {
+  const reads = reusedReads(64);
+  const socket = coalesceCopyData(new EventEmitter(), reads);
+  const got: Buffer[] = [];
+  const handler = (chunk: Buffer) => got.push(Buffer.from(chunk));
+  socket.on("data", handler);
+  assert.equal(socket.listenerCount("data"), 0, "no 'data' events: the reads go to the handler");
+  const read = (bytes: Uint8Array) => {
+    reads.onread.buffer.set(bytes);
+    assert.equal(reads.onread.callback(bytes.length, reads.onread.buffer), true);
+  };
+  read(concat([message("d", new Uint8Array([1])), message("d", new Uint8Array([2]))]));
+  read(message("c", new Uint8Array()));
+  assert.deepEqual(meaning(parse(concat(got))), [
+    { type: "d", body: [1, 2] },
+    { type: "c", body: [] },
+  ]);
+  socket.removeListener("data", () => {}); // not the driver's handler: changes nothing
+  read(message("Z", new Uint8Array([73])));
+  assert.equal(parse(concat(got)).length, 3);
+  socket.removeListener("data", handler);
+  read(message("Z", new Uint8Array([73])));
+  assert.equal(parse(concat(got)).length, 3, "removed: nothing more reaches it");
+});
+
 Deno.test("the socket wrapper filters the driver's data handler and removes it again", () => {
   const socket = coalesceCopyData(new EventEmitter());
   const got: Buffer[] = [];
@@ -249,6 +291,30 @@ Deno.test("a COPY read through connect() reaches the driver's stream in one piec
     const plain = await copyOut(db.sql, query);
     assert.ok(plain.length > 3000 * 640);
     assert.deepEqual(pieces[0], Buffer.from(plain));
+  } finally {
+    await sql.end();
+  }
+});
+
+Deno.test("a COPY written through connect() goes straight onto the socket and arrives byte for byte", async () => {
+  await using db = await freshDb();
+  const sql = await connect(parseDatabaseUrl(db.url, "LOCAL_DATABASE_URL"));
+  try {
+    await db.sql`CREATE TABLE dst (n int, s text, t text)`;
+    const payload = await copyOut(
+      db.sql,
+      `COPY (SELECT g, repeat(md5(g::text), 20), E'tab\\there' FROM generate_series(1, 3000) g)
+         TO STDOUT (FORMAT binary)`,
+    );
+    assert.ok(payload.length > 3 * 64 * 1024, "several CopyData messages");
+    const copy = await openCopyIn(sql, "COPY dst FROM STDIN (FORMAT binary)");
+    await copy.write(payload);
+    assert.equal(copy.direct, true);
+    const back = await copyOut(db.sql, "COPY (SELECT * FROM dst) TO STDOUT (FORMAT binary)");
+    assert.deepEqual(Buffer.from(back), Buffer.from(payload));
+    // The connection goes on as usual after it.
+    const [row] = await sql`SELECT count(*)::int AS n FROM dst`;
+    assert.equal(row.n, 3000);
   } finally {
     await sql.end();
   }
