@@ -316,6 +316,90 @@ Deno.test("two agents at once never upload the same reading and neither fails (G
   void q;
 });
 
+/** The 50th queued reading, locked FOR UPDATE by a transaction of the test's own. */
+async function holdFiftieth(sql: Sql) {
+  const conn = await sql.reserve();
+  await conn`BEGIN`;
+  // Locked by id: FOR UPDATE under OFFSET would lock the 49 rows it skips too.
+  const [row] = await conn<{ id: string }[]>`
+    SELECT id::text FROM meter_readings
+     WHERE id = (SELECT id FROM meter_readings WHERE NOT is_synchronized
+                  ORDER BY createdat, id OFFSET 49 LIMIT 1)
+       FOR UPDATE`;
+  return {
+    id: row.id,
+    async release() {
+      await conn`COMMIT`;
+      conn.release();
+    },
+  };
+}
+
+Deno.test("a reading another agent holds inside the batch is neither uploaded nor deleted, and nothing waits for it (G4)", async () => {
+  await using p = await pair(300);
+  const held = await holdFiftieth(p.local.sql);
+  try {
+    // The batch runs from the 1st reading to the 101st, around the held one; the delete of
+    // the whole batch must leave it alone instead of waiting for its lock (or taking it).
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const result = await Promise.race([
+      upload(p.deps(), { batchSize: 100, maxBatches: 1 }),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error("the upload waited for the held row")), 20_000);
+      }),
+    ]).finally(() => clearTimeout(timer));
+    assert.equal(result.uploaded, 100);
+    assert.equal(result.deleted, 100);
+    const [local] = await p.local
+      .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
+    const [remote] = await p.remote
+      .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
+    assert.deepEqual([local.n, remote.n], [1, 0]);
+    assert.equal(await count(p.local.sql), 200);
+  } finally {
+    await held.release();
+  }
+  await upload(p.deps(), { batchSize: 100 });
+  assert.deepEqual(await countDistinct(p.remote.sql), { rows: 300, ids: 300 });
+  assert.equal(await count(p.local.sql), 0);
+});
+
+Deno.test("a reading let go inside the batch while the batch travels stays queued, not deleted unsent (G1, G4)", async () => {
+  await using p = await pair(300);
+  const held = await holdFiftieth(p.local.sql);
+  // The remote write waits for a lock of the test's, so that the held reading is let go
+  // after the claim passed over it and before the batch's delete runs.
+  const remoteLock = await p.remote.sql.reserve();
+  await remoteLock`BEGIN`;
+  await remoteLock`LOCK TABLE meter_readings IN SHARE MODE`;
+  let result;
+  try {
+    const cycle = upload(p.deps(), { batchSize: 100, maxBatches: 1 });
+    await waitFor("the batch's remote write to wait", async () => {
+      const [row] = await p.remote.sql`
+        SELECT count(*)::int AS n FROM pg_stat_activity
+         WHERE application_name = 'meter-sync' AND wait_event_type = 'Lock'`;
+      return row.n > 0;
+    });
+    await held.release();
+    await remoteLock`COMMIT`;
+    result = await cycle;
+  } finally {
+    await remoteLock`ROLLBACK`.catch(() => {});
+    remoteLock.release();
+  }
+  assert.equal(result.uploaded, 100);
+  assert.equal(result.deleted, 100);
+  const [local] = await p.local
+    .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
+  const [remote] = await p.remote
+    .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
+  assert.deepEqual([local.n, remote.n], [1, 0]);
+  await upload(p.deps(), { batchSize: 100 });
+  assert.deepEqual(await countDistinct(p.remote.sql), { rows: 300, ids: 300 });
+  assert.equal(await count(p.local.sql), 0);
+});
+
 Deno.test("a batch uploaded again after the remote committed adds nothing (G2)", async () => {
   await using p = await pair(300);
   // The crash between remote commit and local delete, reproduced: the remote already
