@@ -278,7 +278,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
             // The whole batch is on the remote: its rows are the ones this transaction
             // locked, from its first key to its last (the claim's order). One range scan
             // instead of a lookup per key (a 10,000-key array took 9 ms to plan and 60 ms to
-            // run, the range 24 ms). Any row the range missed goes by its key.
+            // run, the range 24 ms). A row the range cannot hold goes by its key: a NULL
+            // createdat, which a gateway's own table may allow and the queue puts last.
             let deleted =
               (await tx.unsafe(travel.sql.removeLocked, [keys[0], keys[keys.length - 1]])).count;
             if (deleted < keys.length) {

@@ -400,6 +400,26 @@ Deno.test("a reading let go inside the batch while the batch travels stays queue
   assert.equal(await count(p.local.sql), 0);
 });
 
+Deno.test("readings without a createdat leave the gateway too: outside any key range, they are deleted by id", async () => {
+  // A gateway's own table may allow a NULL createdat (the queue puts those last); a batch
+  // that ends in one has no upper bound to delete by, so its rows go by their ids.
+  await using p = await pair(120);
+  for (const sql of [p.local.sql, p.remote.sql]) {
+    await sql`ALTER TABLE meter_readings ALTER COLUMN createdat DROP NOT NULL`;
+  }
+  await p.local.sql`
+    UPDATE meter_readings SET createdat = NULL
+     WHERE id IN (SELECT id FROM meter_readings ORDER BY createdat, id LIMIT 30 OFFSET 40)`;
+  const result = await upload(p.deps(), { batchSize: 50 });
+  assert.equal(result.uploaded, 120);
+  assert.equal(result.deleted, 120);
+  assert.equal(await count(p.local.sql), 0);
+  assert.deepEqual(await countDistinct(p.remote.sql), { rows: 120, ids: 120 });
+  const [nulls] = await p.remote.sql`
+    SELECT count(*)::int AS n FROM meter_readings WHERE createdat IS NULL`;
+  assert.equal(nulls.n, 30);
+});
+
 Deno.test("a batch uploaded again after the remote committed adds nothing (G2)", async () => {
   await using p = await pair(300);
   // The crash between remote commit and local delete, reproduced: the remote already
