@@ -11,7 +11,7 @@ import { startDelayProxy, viaProxy } from "../scripts/delay_proxy.ts";
 import { freePort } from "../lib/embedded.ts";
 import { server, type Sql } from "./_harness.ts";
 import { waitFor } from "./_agent.ts";
-import { count, countDistinct, pair } from "./_sync_fixture.ts";
+import { count, countDistinct, type Pair, pair } from "./_sync_fixture.ts";
 
 Deno.test("upload() drains the queue in batches of --batch-size and leaves the local table empty", async () => {
   await using p = await pair(250);
@@ -335,6 +335,15 @@ async function holdFiftieth(sql: Sql) {
   };
 }
 
+/** How many rows with this id each side has. */
+async function copiesOf(p: Pair, id: string): Promise<{ local: number; remote: number }> {
+  const query = (sql: Sql) =>
+    sql<{ n: number }[]>`
+    SELECT count(*)::int AS n FROM meter_readings WHERE id = ${id}`;
+  const [[local], [remote]] = await Promise.all([query(p.local.sql), query(p.remote.sql)]);
+  return { local: local.n, remote: remote.n };
+}
+
 Deno.test("a reading another agent holds inside the batch is neither uploaded nor deleted, and nothing waits for it (G4)", async () => {
   await using p = await pair(300);
   const held = await holdFiftieth(p.local.sql);
@@ -350,11 +359,7 @@ Deno.test("a reading another agent holds inside the batch is neither uploaded no
     ]).finally(() => clearTimeout(timer));
     assert.equal(result.uploaded, 100);
     assert.equal(result.deleted, 100);
-    const [local] = await p.local
-      .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
-    const [remote] = await p.remote
-      .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
-    assert.deepEqual([local.n, remote.n], [1, 0]);
+    assert.deepEqual(await copiesOf(p, held.id), { local: 1, remote: 0 });
     assert.equal(await count(p.local.sql), 200);
   } finally {
     await held.release();
@@ -390,11 +395,7 @@ Deno.test("a reading let go inside the batch while the batch travels stays queue
   }
   assert.equal(result.uploaded, 100);
   assert.equal(result.deleted, 100);
-  const [local] = await p.local
-    .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
-  const [remote] = await p.remote
-    .sql`SELECT count(*)::int AS n FROM meter_readings WHERE id = ${held.id}`;
-  assert.deepEqual([local.n, remote.n], [1, 0]);
+  assert.deepEqual(await copiesOf(p, held.id), { local: 1, remote: 0 });
   await upload(p.deps(), { batchSize: 100 });
   assert.deepEqual(await countDistinct(p.remote.sql), { rows: 300, ids: 300 });
   assert.equal(await count(p.local.sql), 0);
