@@ -41,14 +41,23 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
     return true;
   }
   const lines = text.split(/Stack backtrace/)[0].split("\n").map((l) => l.trim()).filter(Boolean);
-  const url = /https:\/\/dl\.deno\.land\/\S+/.exec(text)?.[0];
+  const runtime = /https:\/\/dl\.deno\.land\/\S+/.exec(text)?.[0];
+  // A build for another platform first fetches the npm packages made for it (the embedded
+  // PostgreSQL's, for one), unless an earlier build has them cached: then that fails first.
+  const npm = /Failed caching npm package '([^']+)'/.exec(text)?.[1];
+  const npmUrl = /https:\/\/\S+?\.tgz/.exec(text)?.[0];
   // The innermost cause of the chain ("3: dns error: ...") names what went wrong.
   const causes = lines.filter((l) => /^\d+: /.test(l)).map((l) => l.replace(/^\d+: /, ""));
   const reason = causes.at(-1) ?? lines.find((l) => /error/i.test(l)) ?? lines[0] ?? `exit ${code}`;
-  const download = url !== undefined;
   console.error(
-    download
-      ? `compile: cannot build ${output}: deno compile must download the Deno runtime (${url}) and that failed: ${reason}; build on a machine that reaches dl.deno.land, or set DENORT_BIN to a local denort`
+    npm
+      ? `compile: cannot build ${output}: deno compile must download the npm package ${npm} built for ${
+        TARGETS[arch]
+      }${
+        npmUrl ? ` (${npmUrl})` : ""
+      } and that failed: ${reason}; build on a machine that reaches the npm registry`
+      : runtime
+      ? `compile: cannot build ${output}: deno compile must download the Deno runtime (${runtime}) and that failed: ${reason}; build on a machine that reaches dl.deno.land, or set DENORT_BIN to a local denort`
       : `compile: cannot build ${output}: ${reason}`,
   );
   return false;
