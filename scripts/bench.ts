@@ -506,6 +506,39 @@ interface Outcome {
   ok: boolean;
   failure?: string;
   identical: boolean;
+  /** The servers on which an autovacuum worker was at work on the readings table during the run. */
+  autovacuum: string[];
+  /** Of all runs (--repeat), those during which autovacuum worked on the readings table. */
+  disturbed: number;
+}
+
+/**
+ * Watches both servers for autovacuum workers on the readings table while a contender runs. A
+ * contender's own commits start them (meter-sync commits every batch, the pipe at its end), in
+ * some runs and not in others, and their work lands in the run's window: one series of runs on one
+ * pair of servers spread from 5.3 to 9.2 s, and with autovacuum off on the table stayed within a
+ * few percent. Reported with the results, so that a slow run can be told from a slow contender.
+ */
+function watchAutovacuum(b: Bench): () => Promise<string[]> {
+  const seen = new Set<string>();
+  let looking: Promise<void> | undefined;
+  const lookOnce = async () => {
+    for (const [side, sql] of [["local", b.local], ["remote", b.remote]] as const) {
+      const workers = await sql.unsafe<{ query: string }[]>(
+        `SELECT query FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'`,
+      ).catch(() => []);
+      // "autovacuum: VACUUM ANALYZE public.meter_readings", "autovacuum: ANALYZE ...".
+      if (workers.some((w) => new RegExp(`\\b${TABLE}\\b`).test(w.query))) seen.add(side);
+    }
+  };
+  const look = () => (looking ??= lookOnce().finally(() => (looking = undefined)));
+  const timer = setInterval(look, 200);
+  return async () => {
+    clearInterval(timer);
+    await looking;
+    await look();
+    return [...seen];
+  };
 }
 
 /** CPU seconds of both embedded servers so far (undefined with given URLs). */
@@ -663,7 +696,11 @@ async function measureRounds(
     if (failed[i]) return failed[i];
     const runs = done[i];
     const median = [...runs].sort((x, y) => x.seconds - y.seconds)[(runs.length - 1) >> 1];
-    return { ...median, runs: runs.map((o) => o.seconds) };
+    return {
+      ...median,
+      runs: runs.map((o) => o.seconds),
+      disturbed: runs.filter((o) => o.autovacuum.length).length,
+    };
   });
 }
 
@@ -676,7 +713,9 @@ async function measureOnce(
   const resetSeconds = await resetDatabases(b);
   console.log(`\n${spec.label}: reset in ${resetSeconds.toFixed(1)} s, running ...`);
   const cpuBefore = await serversCpu(b);
+  const stopWatching = watchAutovacuum(b);
   const result = await run();
+  const autovacuum = await stopWatching();
   // The contender's backends exit with it; once the postmaster has reaped them their time is in
   // its children's total. A snapshot taken in between would miss them.
   await new Promise((r) => setTimeout(r, 300));
@@ -704,13 +743,17 @@ async function measureOnce(
     ok: failure === undefined,
     failure,
     identical: check.identical,
+    autovacuum,
+    disturbed: autovacuum.length ? 1 : 0,
   };
   console.log(
     failure
       ? `  FAILED: ${failure}`
       : `  ${result.seconds.toFixed(2)} s, ${Math.round(rows / result.seconds)} rows/s, peak RSS ${
         rssText(outcome.peakKib)
-      }${check.identical ? "" : ", VALUES DIFFER from the seeded rows"}`,
+      }${check.identical ? "" : ", VALUES DIFFER from the seeded rows"}${
+        autovacuum.length ? `; autovacuum at work on the table (${autovacuum.join(", ")})` : ""
+      }`,
   );
   return outcome;
 }
@@ -804,6 +847,23 @@ function table(outcomes: Outcome[], rows: number, copyBytes: number | undefined)
     lines.push(`| ${cells.join(" | ")} |`);
   }
   return lines;
+}
+
+/** Which runs autovacuum worked in (see watchAutovacuum): a slow run is not always a slow contender. */
+function autovacuumLine(outcomes: Outcome[]): string {
+  const hit = outcomes.filter((o) => o.disturbed > 0);
+  if (hit.length === 0) {
+    return "- autovacuum: no worker was at work on the readings table during any run";
+  }
+  return "- autovacuum at work on the readings table (started by the runs' own commits; it adds " +
+    "work to the run it lands in): " +
+    hit.map((o) =>
+      `${o.label.replace(/ \(best\)$/, "")}${
+        o.batchSize ? ` ${o.batchSize}` : ""
+      } in ${o.disturbed} of ${o.runs.length} runs${
+        o.autovacuum.length ? `, the reported one among them (${o.autovacuum.join(" and ")})` : ""
+      }`
+    ).join("; ");
 }
 
 function targets(outcomes: Outcome[], rows: number, rttMs: number, memory: boolean): string[] {
@@ -1100,6 +1160,7 @@ async function main(): Promise<number> {
       ...table(outcomes, rows, mb),
       "",
       ...targets(outcomes, rows, opts.rttMs, opts.memory),
+      autovacuumLine(outcomes),
     ];
     const section = lines.join("\n");
     console.log(`\n${section}\n`);
