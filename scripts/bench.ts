@@ -516,8 +516,8 @@ interface Outcome {
  * Watches both servers for autovacuum workers on the readings table while a contender runs. A
  * contender's own commits start them (meter-sync commits every batch, the pipe at its end), in
  * some runs and not in others, and their work lands in the run's window: one series of runs on one
- * pair of servers spread from 5.3 to 9.2 s, and with autovacuum off on the table stayed within a
- * few percent. Reported with the results, so that a slow run can be told from a slow contender.
+ * pair of servers spread from 5.3 to 9.2 s, and with autovacuum off on those servers stayed within
+ * a few percent. Reported with the results, so that a slow run can be told from a slow contender.
  */
 function watchAutovacuum(b: Bench): () => Promise<string[]> {
   const seen = new Set<string>();
