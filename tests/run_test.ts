@@ -39,6 +39,14 @@ Deno.test("run --every 1s delivers every reading a steady poller inserts, exactl
   await using p = await pair(0);
   const port = freePort();
   const env = { LOCAL_DATABASE_URL: p.local.url, REMOTE_DATABASE_URL: p.remote.url };
+  // The meters come from the central side, as in production, and the gateway has them already
+  // when the agent starts. Otherwise the first download (central still empty) deleted the meters
+  // the poller below had just created, while the poller's readings referenced them: PostgreSQL
+  // then broke the deadlock by failing one side, once here the test's own insert.
+  for (const sql of [p.remote.sql, p.local.sql]) {
+    await sql`INSERT INTO meters (id, serial_number, name)
+              SELECT g, 'M-' || g, 'meter ' || g FROM generate_series(1, 5) g`;
+  }
   const agent = await spawnCli([
     "run",
     "--every",
@@ -50,9 +58,6 @@ Deno.test("run --every 1s delivers every reading a steady poller inserts, exactl
     "--http",
     `127.0.0.1:${port}`,
   ], env);
-  // The meters come from the central side, as in production.
-  await p.remote.sql`INSERT INTO meters (id, serial_number, name)
-                     SELECT g, 'M-' || g, 'meter ' || g FROM generate_series(1, 5) g`;
   // The gateway's poller: 25 readings every 100 ms for 5 s, while the agent runs.
   let inserted = 0;
   const until = Date.now() + 5000;
