@@ -15,7 +15,10 @@ export interface MirrorResult {
   inserted: number;
   updated: number;
   deleted: number;
-  /** Rows gone from the remote that local rows still reference: kept, not deleted. */
+  /**
+   * Rows gone from the remote that stay: local rows still reference them, or a local transaction
+   * holds them (a reading being inserted for that meter); the next download looks again.
+   */
   kept: number;
   unchanged: number;
 }
@@ -119,14 +122,17 @@ export async function mirrorTable(local: Sql, remote: Sql, table: string): Promi
       })`
     );
     const keep = referenced.length ? ` AND NOT (${referenced.join(" OR ")})` : "";
-    const deleted = await tx.unsafe(`DELETE FROM ${t} WHERE ${gone}${keep}`);
-    let kept = 0;
-    if (referenced.length) {
-      const [{ n }] = await tx.unsafe<{ n: number }[]>(
-        `SELECT count(*)::int AS n FROM ${t} WHERE ${gone} AND (${referenced.join(" OR ")})`,
-      );
-      kept = n;
-    }
+    // A row that a gateway transaction has locked is skipped, not waited for: a poller's reading
+    // being inserted holds its meter (the foreign key's check), and its reference is not visible
+    // yet. Waiting for it while that poller waited for a row this delete had taken was a deadlock
+    // (PostgreSQL then failed one side, the poller's insert included); the next download decides.
+    const deleted = await tx.unsafe(
+      `DELETE FROM ${t} WHERE ctid IN (SELECT ctid FROM ${t} WHERE ${gone}${keep}
+                                      FOR UPDATE SKIP LOCKED)`,
+    );
+    const [{ n: kept }] = await tx.unsafe<{ n: number }[]>(
+      `SELECT count(*)::int AS n FROM ${t} WHERE ${gone}`,
+    );
     const result: MirrorResult = {
       table,
       inserted,
@@ -137,7 +143,7 @@ export async function mirrorTable(local: Sql, remote: Sql, table: string): Promi
     };
     if (kept) {
       log.warn(
-        "{table}: {kept} rows are gone centrally but still referenced by local readings; kept",
+        "{table}: {kept} rows are gone centrally but still referenced by local readings (or in use); kept",
         { table, kept },
       );
     }

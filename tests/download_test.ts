@@ -58,6 +58,42 @@ Deno.test("a meter that local readings still reference is kept and reported, not
   assert.equal(await count(p.local.sql), 1, "the reading is still there");
 });
 
+Deno.test("a gone meter that a gateway transaction is inserting a reading for is kept, not waited for", async () => {
+  await using p = await pair(0);
+  await p.local
+    .sql`INSERT INTO meters (id, serial_number, name) VALUES (7, 'SN-7', 'seven'), (8, 'SN-8', 'eight')`;
+  // The poller's reading for meter 7, not committed yet: its foreign key check holds meter 7,
+  // and the reference is invisible to the download. Centrally, both meters are gone.
+  const poller = await p.local.sql.reserve();
+  let r;
+  try {
+    await poller`BEGIN`;
+    await poller`INSERT INTO meter_readings (meter_id, status) VALUES (7, 'ok')`;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const waited = new Promise<"waited">((resolve) => {
+      timer = setTimeout(() => resolve("waited"), 10_000);
+    });
+    const mirrored = download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]);
+    const first = await Promise.race([mirrored, waited]);
+    clearTimeout(timer);
+    assert.notEqual(first, "waited", "the download waited for the poller's transaction");
+    [r] = await mirrored;
+    await poller`COMMIT`;
+  } finally {
+    await poller`ROLLBACK`.catch(() => {}); // after a failure above; a no-op after COMMIT
+    poller.release();
+  }
+  assert.equal(r.deleted, 1, "meter 8, which nothing holds");
+  assert.equal(r.kept, 1, "meter 7, held by the insert");
+  assert.deepEqual((await meters(p.local.sql)).map((m) => m.id), ["7"]);
+  assert.equal(await count(p.local.sql), 1, "the poller's reading went in");
+  // Committed, the reading keeps its meter on the next download too.
+  const [again] = await download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, [
+    "meters",
+  ]);
+  assert.deepEqual({ deleted: again.deleted, kept: again.kept }, { deleted: 0, kept: 1 });
+});
+
 Deno.test("a table without a primary key is refused with a clear message", async () => {
   await using p = await pair(0);
   for (const db of [p.local.sql, p.remote.sql]) {
