@@ -160,7 +160,7 @@ export async function download(
   for (const table of tables) {
     const r = await mirrorTable(deps.local, deps.remote, table);
     log.info(
-      "{table}: {inserted} inserted, {updated} updated, {deleted} deleted, {kept} kept (referenced), {unchanged} unchanged",
+      "{table}: {inserted} inserted, {updated} updated, {deleted} deleted, {kept} kept (referenced or in use), {unchanged} unchanged",
       { ...r },
     );
     results.push(r);
