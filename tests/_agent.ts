@@ -30,6 +30,24 @@ export async function waitFor(
   }
 }
 
+/**
+ * The promise's value, or a failed assertion saying `waited` once `ms` have passed: for work that
+ * must not wait for a lock another transaction holds.
+ */
+export async function within<T>(work: Promise<T>, ms: number, waited: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      work,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new assert.AssertionError({ message: waited })), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export async function finish(child: Deno.ChildProcess, ms = 30_000) {
   const timer = setTimeout(() => child.kill("SIGKILL"), ms);
   const out = await child.output();

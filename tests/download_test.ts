@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { SchemaError } from "../lib/errors.ts";
 import { download, mirrorTable } from "../lib/download.ts";
+import { within } from "./_agent.ts";
 import { runCli } from "./_harness.ts";
 import { count, pair } from "./_sync_fixture.ts";
 
@@ -69,15 +70,11 @@ Deno.test("a gone meter that a gateway transaction is inserting a reading for is
   try {
     await poller`BEGIN`;
     await poller`INSERT INTO meter_readings (meter_id, status) VALUES (7, 'ok')`;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const waited = new Promise<"waited">((resolve) => {
-      timer = setTimeout(() => resolve("waited"), 10_000);
-    });
-    const mirrored = download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]);
-    const first = await Promise.race([mirrored, waited]);
-    clearTimeout(timer);
-    assert.notEqual(first, "waited", "the download waited for the poller's transaction");
-    [r] = await mirrored;
+    [r] = await within(
+      download({ local: p.agentLocal.sql, remote: p.agentRemote.sql }, ["meters"]),
+      10_000,
+      "the download waited for the poller's transaction",
+    );
     await poller`COMMIT`;
   } finally {
     await poller`ROLLBACK`.catch(() => {}); // after a failure above; a no-op after COMMIT

@@ -10,7 +10,7 @@ import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { startDelayProxy, viaProxy } from "../scripts/delay_proxy.ts";
 import { freePort } from "../lib/embedded.ts";
 import { server, type Sql } from "./_harness.ts";
-import { waitFor } from "./_agent.ts";
+import { waitFor, within } from "./_agent.ts";
 import { count, countDistinct, type Pair, pair } from "./_sync_fixture.ts";
 
 Deno.test("upload() drains the queue in batches of --batch-size and leaves the local table empty", async () => {
@@ -350,13 +350,11 @@ Deno.test("a reading another agent holds inside the batch is neither uploaded no
   try {
     // The batch runs from the 1st reading to the 101st, around the held one; the delete of
     // the whole batch must leave it alone instead of waiting for its lock (or taking it).
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const result = await Promise.race([
+    const result = await within(
       upload(p.deps(), { batchSize: 100, maxBatches: 1 }),
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error("the upload waited for the held row")), 20_000);
-      }),
-    ]).finally(() => clearTimeout(timer));
+      20_000,
+      "the upload waited for the held row",
+    );
     assert.equal(result.uploaded, 100);
     assert.equal(result.deleted, 100);
     assert.deepEqual(await copiesOf(p, held.id), { local: 1, remote: 0 });
