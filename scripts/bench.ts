@@ -520,6 +520,7 @@ interface Outcome {
  * a few percent. Reported with the results, so that a slow run can be told from a slow contender.
  */
 function watchAutovacuum(b: Bench): () => Promise<string[]> {
+  const onTable = new RegExp(`\\b${TABLE}\\b`);
   const seen = new Set<string>();
   let looking: Promise<void> | undefined;
   const lookOnce = async () => {
@@ -528,7 +529,7 @@ function watchAutovacuum(b: Bench): () => Promise<string[]> {
         `SELECT query FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'`,
       ).catch(() => []);
       // "autovacuum: VACUUM ANALYZE public.meter_readings", "autovacuum: ANALYZE ...".
-      if (workers.some((w) => new RegExp(`\\b${TABLE}\\b`).test(w.query))) seen.add(side);
+      if (workers.some((w) => onTable.test(w.query))) seen.add(side);
     }
   };
   const look = () => (looking ??= lookOnce().finally(() => (looking = undefined)));
