@@ -74,6 +74,20 @@ export function queueCondition(alias = "m"): string {
 }
 
 /**
+ * {@link queueCondition} as a claim reads it, row by row in queue order: whether the quarantine
+ * holds any reading is asked once per statement (in the statement's snapshot, like the rest),
+ * and each reading is looked up in it only then. The quarantine is empty most of the time, and
+ * the lookup was an index probe per reading (a claim of 20,000 readings, alone on the local
+ * server: 175 ms instead of 190, medians of six, 2026-11-26); when it is not, PostgreSQL 18
+ * looks the readings up in a hash of its keys.
+ */
+export function claimCondition(alias = "m"): string {
+  return `NOT ${alias}.${quoteIdent(SYNC_FLAG)} AND (
+    NOT (SELECT EXISTS (SELECT 1 FROM meter_sync_quarantine))
+    OR NOT EXISTS (SELECT 1 FROM meter_sync_quarantine q WHERE q.id = ${alias}.id))`;
+}
+
+/**
  * The number of readings waiting (unsynchronized, not quarantined): the backlog a
  * progress bar starts from. Cheaper than {@link readStatus}.
  */

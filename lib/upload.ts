@@ -11,7 +11,7 @@ import { classifyError, CycleError, describeError, SchemaError, sqlState } from 
 import { pgArray, quarantineRows, type Rejection, UUID_TEXT } from "./quarantine.ts";
 import { retry, RetryError } from "./retry.ts";
 import { expectedPlan, formatIssues, type SchemaPlan, SYNC_FLAG } from "./schema.ts";
-import { queueCondition } from "./status.ts";
+import { claimCondition } from "./status.ts";
 
 const log = getLogger(["meter-sync", "upload"]);
 
@@ -100,7 +100,7 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
     claim: (limit, after) =>
       `COPY (SELECT ${columns.map((c) => `m.${quoteIdent(c.name)}`).join(", ")}
                FROM ${t} m
-              WHERE ${queueCondition("m")}${
+              WHERE ${claimCondition("m")}${
         after === undefined ? "" : `
                 AND (m.createdat, m.${quoteIdent(key)}) >
                     (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b

@@ -12,7 +12,7 @@ import { parseDatabaseUrl } from "../lib/db_url.ts";
 import { type EmbeddedServer, postmasterPid, startEmbeddedServer } from "../lib/embedded.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
-import { queueCondition } from "../lib/status.ts";
+import { claimCondition, queueCondition } from "../lib/status.ts";
 import type { BaselineResult } from "./bench_baseline.ts";
 import { parseDuration } from "../lib/duration.ts";
 import { type DelayProxy, startDelayProxy, viaProxy } from "./delay_proxy.ts";
@@ -585,7 +585,8 @@ async function runPipe(b: Bench, remoteUrl: string, usePsql: boolean): Promise<P
 async function runLockingPipe(b: Bench, remoteUrl: string): Promise<ProcessRun> {
   const cols = b.columns.map((c) => quoteIdent(c)).join(", ");
   const mCols = b.columns.map((c) => `m.${quoteIdent(c)}`).join(", ");
-  // A backslash command ends at its line's end: the condition goes on one line.
+  // A backslash command ends at its line's end: the conditions go on one line.
+  const claimed = claimCondition("m").replace(/\s+/g, " "); // as meter-sync's claim reads
   const queued = queueCondition("m").replace(/\s+/g, " ");
   return await runPsqlPipe(
     psqlTarget(b.localUrl),
@@ -593,7 +594,7 @@ async function runLockingPipe(b: Bench, remoteUrl: string): Promise<ProcessRun> 
     [
       "SET enable_seqscan = off", // the queue's index order, as meter-sync's claim reads it
       "BEGIN",
-      `\\copy (SELECT ${mCols} FROM ${TABLE} m WHERE ${queued} ORDER BY m.createdat, m.id FOR UPDATE OF m SKIP LOCKED) TO pstdout (FORMAT binary)`,
+      `\\copy (SELECT ${mCols} FROM ${TABLE} m WHERE ${claimed} ORDER BY m.createdat, m.id FOR UPDATE OF m SKIP LOCKED) TO pstdout (FORMAT binary)`,
       `DELETE FROM ${TABLE} m WHERE ${queued}`,
       "COMMIT",
     ],
