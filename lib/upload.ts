@@ -512,6 +512,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
    * - when nothing lies past this batch, a claim from the start of the queue follows, still
    *   during the remote write: the queue is empty only when it finds nothing;
    * - this batch commits only after those scans have finished.
+   * The rule allows more than the pool gives: with a lane's two local connections (see
+   * LOCAL_CONNECTIONS), a claim also waits for the previous batch's commit to free one.
    */
   const runBatch = async (): Promise<Delivery | undefined> => {
     let current: Claim | undefined;
