@@ -67,10 +67,14 @@ async function columnExists(sql: Sql, table: string, column: string): Promise<bo
   return row.ok;
 }
 
+/** The reading `alias` is in the quarantine. */
+function quarantined(alias: string): string {
+  return `EXISTS (SELECT 1 FROM meter_sync_quarantine q WHERE q.id = ${alias}.id)`;
+}
+
 /** The rows still to upload: unsynchronized and not quarantined. */
 export function queueCondition(alias = "m"): string {
-  return `NOT ${alias}.${quoteIdent(SYNC_FLAG)} AND NOT EXISTS (
-    SELECT 1 FROM meter_sync_quarantine q WHERE q.id = ${alias}.id)`;
+  return `NOT ${alias}.${quoteIdent(SYNC_FLAG)} AND NOT ${quarantined(alias)}`;
 }
 
 /**
@@ -83,8 +87,7 @@ export function queueCondition(alias = "m"): string {
  */
 export function claimCondition(alias = "m"): string {
   return `NOT ${alias}.${quoteIdent(SYNC_FLAG)} AND (
-    NOT (SELECT EXISTS (SELECT 1 FROM meter_sync_quarantine))
-    OR NOT EXISTS (SELECT 1 FROM meter_sync_quarantine q WHERE q.id = ${alias}.id))`;
+    NOT (SELECT EXISTS (SELECT 1 FROM meter_sync_quarantine)) OR NOT ${quarantined(alias)})`;
 }
 
 /**
