@@ -45,6 +45,20 @@ const SPARE_MAX = 2;
 const issued = new WeakSet<ArrayBufferLike>();
 /** The size of the last run handed on, on any socket: the next one's first guess. */
 let expected = MIN_BUFFER;
+/** The rows the COPY being read sends at most, 0 when unknown (see {@link expectCopyRows}). */
+let rowsHint = 0;
+
+/**
+ * Tells the coalescers how many rows the COPY ... TO STDOUT about to start sends at most (a
+ * claim's LIMIT; 0: unknown). A run that outgrows its first buffer then grows once, to what its
+ * first rows promise for all of them, rather than doubling again and again: each doubling
+ * copies what came so far into fresh memory. It matters for the first batch of a process,
+ * which has no run before it to go by: at batch 20000 its buffers grew from 64 KB to 37 MB,
+ * touching some 60 MB, and the agent's peak RSS was 147-150 MiB instead of 126.
+ */
+export function expectCopyRows(rows: number): void {
+  rowsHint = rows;
+}
 
 /** Where the smallest spare buffer of at least `least` bytes is, or -1. */
 function smallestSpare(least: number): number {
@@ -102,12 +116,17 @@ export function copyDataCoalescer(
   /** The run being gathered: 5 bytes kept free for the header, then the payload. */
   let run: Buffer | undefined;
   let size = 0;
+  /** CopyData messages begun in this run: one per row of a COPY ... TO STDOUT. */
+  let rows = 0;
 
   const gather = (bytes: Uint8Array) => {
     // The last run's size is the first guess: COPY batches tend to be alike.
     if (!run) run = takeBuffer(5 + Math.max(Math.min(limit, expected), bytes.length));
     else if (5 + size + bytes.length > run.length) {
-      const grown = takeBuffer(Math.max(2 * run.length, 5 + size + bytes.length));
+      const promised = rowsHint > rows
+        ? Math.min(limit, Math.ceil(((size + bytes.length) / rows) * rowsHint))
+        : 0;
+      const grown = takeBuffer(Math.max(2 * run.length, 5 + size + bytes.length, 5 + promised));
       grown.set(run.subarray(0, 5 + size));
       recycleCopyData(run);
       run = grown;
@@ -123,6 +142,7 @@ export function copyDataCoalescer(
     expected = Math.max(MIN_BUFFER, size);
     run = undefined;
     size = 0;
+    rows = 0;
     next(message);
   };
 
@@ -152,8 +172,10 @@ export function copyDataCoalescer(
       }
       if (header === 0) {
         copying = bytes[i] === COPY_DATA;
-        if (copying) passOn(i); // what came before goes first; the header is dropped
-        else {
+        if (copying) {
+          passOn(i); // what came before goes first; the header is dropped
+          rows++;
+        } else {
           handOn(); // a run ends
           if (pass < 0) pass = i;
         }

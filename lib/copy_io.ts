@@ -1,7 +1,7 @@
 /** COPY streams over postgres.js, with the driver's two COPY pitfalls handled. */
 import type postgres from "postgres";
 import { Buffer } from "node:buffer";
-import { recycleCopyData } from "./copy_coalesce.ts";
+import { expectCopyRows, recycleCopyData } from "./copy_coalesce.ts";
 import { writerOf } from "./socket_writes.ts";
 
 /** A connection or a transaction: COPY works on both. */
@@ -19,8 +19,12 @@ type CopyQuery = Promise<unknown> & {
   writable(): Promise<NodeJS.WritableStream>;
 };
 
-/** Reads a COPY ... TO STDOUT into one buffer (a batch is bounded by --batch-size). */
-export async function copyOut(tx: Tx, statement: string): Promise<Uint8Array> {
+/**
+ * Reads a COPY ... TO STDOUT into one buffer (a batch is bounded by --batch-size). `rows`:
+ * how many rows it sends at most, when known (see expectCopyRows).
+ */
+export async function copyOut(tx: Tx, statement: string, rows = 0): Promise<Uint8Array> {
+  expectCopyRows(rows);
   const stream = await (tx.unsafe(statement) as unknown as CopyQuery).readable();
   const chunks: Uint8Array[] = [];
   let size = 0;

@@ -264,7 +264,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         // The queue is read in index order; with stale statistics after a big drain the
         // planner would otherwise sort the whole table for every batch.
         await tx.unsafe("SET LOCAL enable_seqscan = off");
-        const data = await copyOut(tx, travel.sql.claim(batchSize, after));
+        const data = await copyOut(tx, travel.sql.claim(batchSize, after), batchSize);
         resumeSockets(deps.local.sql);
         const batch = splitRows(data, travel.format);
         if (batch.keys.length === 0) return resolveClaim(undefined);

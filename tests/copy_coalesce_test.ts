@@ -1,7 +1,12 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { EventEmitter } from "node:events";
-import { coalesceCopyData, copyDataCoalescer, recycleCopyData } from "../lib/copy_coalesce.ts";
+import {
+  coalesceCopyData,
+  copyDataCoalescer,
+  expectCopyRows,
+  recycleCopyData,
+} from "../lib/copy_coalesce.ts";
 import { copyOut, openCopyIn } from "../lib/copy_io.ts";
 import { reusedReads } from "../lib/socket_reads.ts";
 import { connect } from "../lib/db.ts";
@@ -182,6 +187,25 @@ Deno.test("a run given back is reused for the next run, which carries its own by
   assert.equal(next.buffer, first.buffer);
   assert.ok(carries(next, expectedRun(3000, 1000, (i) => 255 - (i % 241))));
   assert.ok(carries(kept, expectedRun(3000, 1000, (i) => i % 13)));
+});
+
+Deno.test("told how many rows a COPY sends, the coalescer sizes the run from its first rows", () => {
+  const got: Buffer[] = [];
+  const filter = copyDataCoalescer((chunk) => got.push(chunk));
+  try {
+    gatherRun(filter, got, 1, 10, () => 1); // a small run last: no size to go by
+    // 4.8 MB: doubling from 64 KB would end in a buffer of 9.4 MB (or twice a spare one).
+    expectCopyRows(4800);
+    const run = gatherRun(filter, got, 4800, 1000, (i) => i % 199);
+    assert.ok(carries(run, expectedRun(4800, 1000, (i) => i % 199)));
+    const payload = run.length - 5;
+    assert.ok(
+      run.buffer.byteLength <= 1.2 * payload,
+      `a buffer of ${run.buffer.byteLength} bytes for ${payload}`,
+    );
+  } finally {
+    expectCopyRows(0);
+  }
 });
 
 Deno.test("a run given back twice goes to one run only; foreign bytes are not taken", () => {
