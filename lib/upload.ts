@@ -1,6 +1,6 @@
 /** The upload engine: drains the local queue into the remote, each reading delivered once. */
 import { getLogger } from "@logtape/logtape";
-import { type Column, quoteIdent, type TableInfo } from "./columns.ts";
+import { type Column, quoteIdent, quoteLiteral, type TableInfo } from "./columns.ts";
 import { comparedSchemas } from "./commands/check_schema.ts";
 import type { Clock } from "./commands/context.ts";
 import { recycleCopyData } from "./copy_coalesce.ts";
@@ -72,8 +72,11 @@ export class LocalDeleteError extends Error {
 }
 
 interface Statements {
-  /** Claims the next batch; `after`: the last key of the batch in flight, where the scan starts. */
-  claim: (limit: number, after?: string) => string;
+  /**
+   * Claims the next batch; `after`: the last key of the batch in flight, where the scan
+   * starts; `sweep`: the span of a batch deleted earlier, whose index entries it visits first.
+   */
+  claim: (limit: number, after?: string, sweep?: Span) => string;
   copy: string;
   stageCreate: string;
   stageCopy: string;
@@ -97,10 +100,27 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
     // `after` starts the index scan past the batch in flight. Without it every claim walked
     // over that batch's rows, each locked by the other transaction, to skip them one by one,
     // and over the dead entries the batch before left: the local server did twice the work.
-    claim: (limit, after) =>
-      `COPY (SELECT ${columns.map((c) => `m.${quoteIdent(c.name)}`).join(", ")}
+    //
+    // Past batches' entries stay in the queue's index, pointing at deleted rows, until a scan
+    // visits them and marks them dead, and the scan from the start of the queue that proves
+    // it empty comes last. It met all of them at once: 0.35 s at the end of 200,000 readings,
+    // re-reading and writing out again pages long evicted. `sweep` visits a batch's entries
+    // a little after its commit instead, while its pages are still in shared buffers: 3 ms a
+    // batch of 10,000, and the last scan takes 0.05 s. One index-only count, in the claim's own
+    // statement (no round trip more); bitmap scans are off because they mark nothing.
+    claim: (limit, after, sweep) =>
+      `COPY (${
+        sweep === undefined ? "" : `WITH swept AS MATERIALIZED (
+             SELECT count(*) AS n FROM ${t} s
+              WHERE NOT s.${quoteIdent(SYNC_FLAG)}
+                AND s.createdat >= ${quoteLiteral(sweep.lo)}
+                AND s.createdat <= ${quoteLiteral(sweep.hi)})
+             `
+      }SELECT ${columns.map((c) => `m.${quoteIdent(c.name)}`).join(", ")}
                FROM ${t} m
-              WHERE ${claimCondition("m")}${
+              WHERE ${sweep === undefined ? "" : "(SELECT n FROM swept) >= 0 AND "}${
+        claimCondition("m")
+      }${
         after === undefined ? "" : `
                 AND (m.createdat, m.${quoteIdent(key)}) >
                     (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
@@ -119,7 +139,7 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
     // The row locks tell this batch's rows from any other in its range: a reading another
     // agent holds (its lock is not ours) or one that came late with an old timestamp (no lock).
     // txid_current() modulo 2^32 is the transaction's own xid on PostgreSQL 11 and later.
-    removeLocked: `DELETE FROM ${t} m
+    removeLocked: `WITH d AS (DELETE FROM ${t} m
                     WHERE NOT m.${quoteIdent(SYNC_FLAG)}
                       AND (m.createdat, m.${quoteIdent(key)}) >=
                           (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
@@ -127,8 +147,20 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
                       AND (m.createdat, m.${quoteIdent(key)}) <=
                           (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
                             WHERE b.${quoteIdent(key)} = $2::uuid)
-                      AND m.xmax::text::bigint = txid_current() % 4294967296`,
+                      AND m.xmax::text::bigint = txid_current() % 4294967296
+                RETURNING m.createdat)
+                SELECT count(*)::int AS n, min(d.createdat)::text AS lo, max(d.createdat)::text AS hi
+                  FROM d`,
   };
+}
+
+/**
+ * The createdat span of a batch deleted and committed, as the local server wrote it (in the
+ * column's own type, read back the same by the same server and settings).
+ */
+interface Span {
+  lo: string;
+  hi: string;
 }
 
 /** How batches travel under a plan: the statements and the COPY format. */
@@ -253,18 +285,33 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
    * caller writes the batch remotely, then calls finish() with the outcome, which
    * deletes the delivered rows and commits (or, given an error, rolls back).
    */
+  /** The span of the batches whose delete has committed since the last sweep. */
+  let sweepable: Span | undefined;
+  const takeSweep = () => {
+    const span = sweepable;
+    sweepable = undefined;
+    return span;
+  };
   const claim = (travel: Travel, after?: string): Promise<Claim | undefined> =>
     new Promise((resolveClaim, rejectClaim) => {
       let finish!: (outcome: Delivery | Error) => void;
       const outcome = new Promise<Delivery | Error>((r) => (finish = r));
       let claimed = false;
       let abandoned: Error | undefined;
+      let span: Span | undefined;
       // `done` is declared below; the callback runs only after BEGIN has come back.
       const tx = deps.local.sql.begin(async (tx) => {
         // The queue is read in index order; with stale statistics after a big drain the
         // planner would otherwise sort the whole table for every batch.
-        await tx.unsafe("SET LOCAL enable_seqscan = off");
-        const data = await copyOut(tx, travel.sql.claim(batchSize, after), batchSize);
+        await tx.unsafe(
+          `SELECT set_config('enable_seqscan', 'off', true),
+                  set_config('enable_bitmapscan', 'off', true)`,
+        );
+        // A span is sweepable once its delete has committed: the count cannot see those rows,
+        // and marks their entries dead once no older transaction can see them either. Only
+        // claims past the batch in flight sweep; a claim from the start visits them anyway.
+        const sweep = after === undefined ? undefined : takeSweep();
+        const data = await copyOut(tx, travel.sql.claim(batchSize, after, sweep), batchSize);
         resumeSockets(deps.local.sql);
         const batch = splitRows(data, travel.format);
         if (batch.keys.length === 0) return resolveClaim(undefined);
@@ -280,8 +327,12 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
             // instead of a lookup per key (a 10,000-key array took 9 ms to plan and 60 ms to
             // run, the range 24 ms). A row the range cannot hold goes by its key: a NULL
             // createdat, which a gateway's own table may allow and the queue puts last.
-            let deleted =
-              (await tx.unsafe(travel.sql.removeLocked, [keys[0], keys[keys.length - 1]])).count;
+            const [gone] = await tx.unsafe<{ n: number; lo: string | null; hi: string | null }[]>(
+              travel.sql.removeLocked,
+              [keys[0], keys[keys.length - 1]],
+            );
+            let deleted = gone.n;
+            if (gone.lo !== null && gone.hi !== null) span = { lo: gone.lo, hi: gone.hi };
             if (deleted < keys.length) {
               deleted += (await tx.unsafe(travel.sql.remove, [pgArray(keys)])).count;
             }
@@ -302,7 +353,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         }
       });
       // The commit can fail too, after the remote committed: also a local delete error.
-      const done: Promise<void> = tx.then(() => undefined, (err) => {
+      const done: Promise<void> = tx.then(() => {
+        // Batches commit in queue order: two commits before the next claim make one span.
+        if (span) sweepable = sweepable ? { lo: sweepable.lo, hi: span.hi } : span;
+      }, (err) => {
         if (!claimed) return rejectClaim(err);
         if (err === abandoned) return; // rolled back on purpose
         throw err instanceof LocalDeleteError ? err : localDeleteError(err);

@@ -324,7 +324,9 @@ Deno.test("the gateway role claims FOR UPDATE, deletes, mirrors meters, keeps it
                   WHERE NOT m.is_synchronized
                     AND NOT EXISTS (SELECT 1 FROM meter_sync_quarantine q WHERE q.id = m.id)
                   ORDER BY m.createdat, m.id LIMIT 5 FOR UPDATE OF m SKIP LOCKED`;
-  assert.equal(await attempt(agent, "SET LOCAL enable_seqscan = off", claim), "ok");
+  const plans =
+    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+  assert.equal(await attempt(agent, plans, claim), "ok");
   assert.equal(
     await attempt(agent, "DELETE FROM meter_readings WHERE id = gen_random_uuid()"),
     "ok",
