@@ -238,7 +238,10 @@ async function recordLocally(config: Config, local: Sql, e: CycleEntry): Promise
     downloaded: e.downloaded,
     ...(e.error === undefined ? {} : { error: describeError(e.error) }),
   });
-  return await readStatus(local, config.table);
+  // A cycle that went through without a stop or --max-batches ending it found the queue empty.
+  const drained = e.outcome === "ok" && !e.up.stopped &&
+    (config.maxBatches === undefined || e.up.batches < config.maxBatches);
+  return await readStatus(local, config.table, { drained });
 }
 
 function localNotRecorded(err: unknown, outcome: "ok" | "failed"): null {
