@@ -206,6 +206,11 @@ interface Claim {
   /** Claimed past the batch before it: every key is greater than every key of that batch. */
   ordered: boolean;
   finish: (outcome: Delivery | Error) => void;
+  /**
+   * Lets the transaction end once finish() has run its delete: until then it waits, so that
+   * no claim still scanning sees its commit land (see runBatch). A rollback does not wait.
+   */
+  allowCommit: () => void;
   /** Settles when the local transaction has committed (or rolled back). */
   done: Promise<void>;
 }
@@ -296,6 +301,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     new Promise((resolveClaim, rejectClaim) => {
       let finish!: (outcome: Delivery | Error) => void;
       const outcome = new Promise<Delivery | Error>((r) => (finish = r));
+      let allowCommit!: () => void;
+      const commitAllowed = new Promise<void>((r) => (allowCommit = r));
       let claimed = false;
       let abandoned: Error | undefined;
       let span: Span | undefined;
@@ -316,9 +323,17 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
         const batch = splitRows(data, travel.format);
         if (batch.keys.length === 0) return resolveClaim(undefined);
         claimed = true;
-        resolveClaim({ batch, bytes: data.length, ordered: after !== undefined, finish, done });
+        resolveClaim({
+          batch,
+          bytes: data.length,
+          ordered: after !== undefined,
+          finish,
+          allowCommit,
+          done,
+        });
         const out = await outcome;
         if (out instanceof Error) throw (abandoned = out); // roll back: the rows stay queued
+        let failure: unknown;
         try {
           const keys = batch.keys;
           if (out.rejected.length === 0 && out.onRemote.length === keys.length) {
@@ -349,8 +364,10 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
           }
           await quarantineRows(tx, out.rejected);
         } catch (err) {
-          throw localDeleteError(err);
+          failure = err;
         }
+        await commitAllowed; // a failed delete rolls back then too, like a commit
+        if (failure !== undefined) throw localDeleteError(failure);
       });
       // The commit can fail too, after the remote committed: also a local delete error.
       const done: Promise<void> = tx.then(() => {
@@ -565,7 +582,8 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
    *   touches), else once that commit is in;
    * - when nothing lies past this batch, a claim from the start of the queue follows, still
    *   during the remote write: the queue is empty only when it finds nothing;
-   * - this batch commits only after those scans have finished.
+   * - this batch's delete runs as soon as the remote has it; its commit (or rollback) only
+   *   after those scans have finished.
    * The rule allows more than the pool gives: with a lane's two local connections (see
    * LOCAL_CONNECTIONS), a claim also waits for the previous batch's commit to free one.
    */
@@ -636,11 +654,16 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       await delivering;
       // Its memory gathers the batch after next (fresh memory costs page faults).
       if (out.firstTry) recycleCopyData(current.batch.data);
-      await prefetched?.claim.catch(() => {}); // its scans are over: now this batch may commit
+      // The delete runs at once, beside the claim past this batch, which scans none of these
+      // rows; the commit waits for that claim, or the connection it frees would come 25-55
+      // ms later for the claim after it, which is what the remote waits for.
       current.finish(out);
+      await prefetched?.claim.catch(() => {}); // its scans are over: now this batch may commit
+      current.allowCommit();
     } catch (err) {
       await delivering.catch(() => {});
       current.finish(err instanceof Error ? err : new Error(String(err)));
+      current.allowCommit();
       await committed.catch(() => {});
       await dropPrefetched();
       await cancelOpened();
