@@ -265,7 +265,6 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
   const started = deps.clock.now();
   const result = emptyResult();
 
-  // G7: both catalogs, every cycle, with the same code as check-schema.
   /** Retries transient faults with backoff, renewing both pools: a dead connection is not reusable (see Pool). */
   const retrying = <T>(what: string, fn: () => Promise<T>, isRetriable: (e: unknown) => boolean) =>
     retry(fn, {
