@@ -199,7 +199,7 @@ function copyErrorLine(err: unknown): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
-/** A claimed batch whose local transaction stays open until finish() is called. */
+/** A claimed batch whose local transaction stays open until finish() and allowCommit(). */
 interface Claim {
   batch: CopyBatch;
   bytes: number;
@@ -284,11 +284,6 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     });
   const transient = (e: unknown) => classifyError(e) === "transient";
 
-  /**
-   * Opens a local transaction that claims the next batch and keeps it open: the
-   * caller writes the batch remotely, then calls finish() with the outcome, which
-   * deletes the delivered rows and commits (or, given an error, rolls back).
-   */
   /** The span of the batches whose delete has committed since the last sweep. */
   let sweepable: Span | undefined;
   const takeSweep = () => {
@@ -296,6 +291,12 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
     sweepable = undefined;
     return span;
   };
+  /**
+   * Opens a local transaction that claims the next batch and keeps it open: the
+   * caller writes the batch remotely, then calls finish() with the outcome, which
+   * deletes the delivered rows, and allowCommit() once no claim scans beside it, which
+   * commits (given an error, finish() rolls back at once).
+   */
   const claim = (travel: Travel, after?: string): Promise<Claim | undefined> =>
     new Promise((resolveClaim, rejectClaim) => {
       let finish!: (outcome: Delivery | Error) => void;
