@@ -71,6 +71,14 @@ export class LocalDeleteError extends Error {
   override name = "LocalDeleteError";
 }
 
+/**
+ * The plans a claim transaction allows, for the rest of it: the queue is read in index order
+ * (with stale statistics after a big drain the planner would otherwise sort the whole table for
+ * every batch), and the sweep's count by an index scan, since a bitmap scan marks nothing dead.
+ */
+export const CLAIM_PLANS =
+  "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+
 interface Statements {
   /**
    * Claims the next batch; `after`: the last key of the batch in flight, where the scan
@@ -308,12 +316,7 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
       let span: Span | undefined;
       // `done` is declared below; the callback runs only after BEGIN has come back.
       const tx = deps.local.sql.begin(async (tx) => {
-        // The queue is read in index order; with stale statistics after a big drain the
-        // planner would otherwise sort the whole table for every batch.
-        await tx.unsafe(
-          `SELECT set_config('enable_seqscan', 'off', true),
-                  set_config('enable_bitmapscan', 'off', true)`,
-        );
+        await tx.unsafe(CLAIM_PLANS);
         // A span is sweepable once its delete has committed: the count cannot see those rows,
         // and marks their entries dead once no older transaction can see them either. Only
         // claims past the batch in flight sweep; a claim from the start visits them anyway.

@@ -4,6 +4,7 @@ import postgres from "postgres";
 import { sqlState } from "../lib/errors.ts";
 import { loadMigrations, migrate, migrationsDir } from "../lib/migrate.ts";
 import { seedReadings } from "../lib/seed.ts";
+import { CLAIM_PLANS } from "../lib/upload.ts";
 import { type CliResult, connectTo, freshDb, runCli, type Sql, type TestDb } from "./_harness.ts";
 import { count, countDistinct } from "./_sync_fixture.ts";
 
@@ -324,9 +325,7 @@ Deno.test("the gateway role claims FOR UPDATE, deletes, mirrors meters, keeps it
                   WHERE NOT m.is_synchronized
                     AND NOT EXISTS (SELECT 1 FROM meter_sync_quarantine q WHERE q.id = m.id)
                   ORDER BY m.createdat, m.id LIMIT 5 FOR UPDATE OF m SKIP LOCKED`;
-  const plans =
-    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
-  assert.equal(await attempt(agent, plans, claim), "ok");
+  assert.equal(await attempt(agent, CLAIM_PLANS, claim), "ok");
   assert.equal(
     await attempt(agent, "DELETE FROM meter_readings WHERE id = gen_random_uuid()"),
     "ok",

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { CycleError, SchemaError } from "../lib/errors.ts";
 import { pgArray, requeue } from "../lib/quarantine.ts";
 import { readStatus } from "../lib/status.ts";
-import { upload } from "../lib/upload.ts";
+import { CLAIM_PLANS, upload } from "../lib/upload.ts";
 import { LOCAL_CONNECTIONS } from "../lib/connections.ts";
 import { openPool } from "../lib/db.ts";
 import { parseDatabaseUrl } from "../lib/db_url.ts";
@@ -49,8 +49,7 @@ Deno.test("a cycle marks its delivered batches' queue-index entries dead as it g
   assert.equal(result.deleted, 800);
   // Nothing has visited the queue from its start: --max-batches stops before that scan.
   const heapFetches = await p.local.sql.begin(async (tx) => {
-    await tx.unsafe(`SELECT set_config('enable_seqscan', 'off', true),
-                            set_config('enable_bitmapscan', 'off', true)`);
+    await tx.unsafe(CLAIM_PLANS); // the claim's own: an index scan, as a sweep's
     const [row] = await tx.unsafe(`EXPLAIN (ANALYZE, FORMAT JSON)
       SELECT count(*) FROM meter_readings WHERE NOT is_synchronized`);
     const plan = JSON.stringify(row["QUERY PLAN"]);
