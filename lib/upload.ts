@@ -146,16 +146,29 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
     remove: `DELETE FROM ${t} WHERE ${quoteIdent(key)} = ANY ($1::uuid[])`,
     // The row locks tell this batch's rows from any other in its range: a reading another
     // agent holds (its lock is not ours) or one that came late with an old timestamp (no lock).
-    // txid_current() modulo 2^32 is the transaction's own xid on PostgreSQL 11 and later.
-    removeLocked: `WITH d AS (DELETE FROM ${t} m
+    // txid_current() modulo 2^32 is the transaction's own xid on PostgreSQL 11 and later,
+    // worked out once, not per row.
+    //
+    // The plain createdat bounds beside the row comparisons are for the planner: it prices a
+    // row comparison against a subquery's values as a scan of the whole queue index, and chose
+    // a skip scan of the (meter_id, createdat) index instead, which visits the batch's pages
+    // meter by meter: 20,000 buffer visits for 20,000 readings against 2,800, and 0.2 CPU
+    // seconds more on the local server for 200,000 (four A/B pairs).
+    removeLocked: `WITH lo AS MATERIALIZED (SELECT b.createdat, b.${
+      quoteIdent(key)
+    } AS k FROM ${t} b
+                                           WHERE b.${quoteIdent(key)} = $1::uuid),
+                        hi AS MATERIALIZED (SELECT b.createdat, b.${
+      quoteIdent(key)
+    } AS k FROM ${t} b
+                                           WHERE b.${quoteIdent(key)} = $2::uuid),
+                        d AS (DELETE FROM ${t} m
                     WHERE NOT m.${quoteIdent(SYNC_FLAG)}
-                      AND (m.createdat, m.${quoteIdent(key)}) >=
-                          (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
-                            WHERE b.${quoteIdent(key)} = $1::uuid)
-                      AND (m.createdat, m.${quoteIdent(key)}) <=
-                          (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
-                            WHERE b.${quoteIdent(key)} = $2::uuid)
-                      AND m.xmax::text::bigint = txid_current() % 4294967296
+                      AND m.createdat >= (SELECT createdat FROM lo)
+                      AND m.createdat <= (SELECT createdat FROM hi)
+                      AND (m.createdat, m.${quoteIdent(key)}) >= (SELECT createdat, k FROM lo)
+                      AND (m.createdat, m.${quoteIdent(key)}) <= (SELECT createdat, k FROM hi)
+                      AND m.xmax = (SELECT (txid_current() % 4294967296)::text::xid)
                 RETURNING m.createdat)
                 SELECT count(*)::int AS n, min(d.createdat)::text AS lo, max(d.createdat)::text AS hi
                   FROM d`,

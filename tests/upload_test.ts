@@ -61,6 +61,31 @@ Deno.test("a cycle marks its delivered batches' queue-index entries dead as it g
   assert.ok(heapFetches >= 200 && heapFetches <= 500, `${heapFetches} heap fetches`);
 });
 
+Deno.test("a cycle reads and deletes the queue through its own index, never the meters' one", async () => {
+  // The range delete once went through the (meter_id, createdat) index, a skip scan meter by
+  // meter that visited each page of the batch once per meter on it.
+  await using p = await pair(1000);
+  const scans = async () => {
+    const rows = await p.local.sql<{ name: string; n: string }[]>`
+      SELECT indexrelname AS name, idx_scan::text AS n FROM pg_stat_user_indexes
+       WHERE relname = 'meter_readings'`;
+    return Object.fromEntries(rows.map((r) => [r.name, Number(r.n)]));
+  };
+  const before = await scans();
+  const result = await upload(p.deps(), { batchSize: 100 });
+  assert.equal(result.deleted, 1000);
+  await p.agentLocal.renew(); // the cycle's backends report their statistics as they exit
+  let after = before;
+  await waitFor("the cycle's index statistics", async () => {
+    after = await scans();
+    return after.meter_readings_sync_queue_idx - before.meter_readings_sync_queue_idx >= 20;
+  }, 10_000);
+  assert.equal(
+    after.meter_readings_meter_id_createdat_idx,
+    before.meter_readings_meter_id_createdat_idx,
+  );
+});
+
 Deno.test("upload() sends the oldest readings first, by createdat then id (G3)", async () => {
   await using p = await pair(0);
   await p.local.sql`INSERT INTO meters (id, serial_number, name) VALUES (1, 'SN-1', 'one')`;
