@@ -131,11 +131,11 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
         claimCondition("m")
       }${
         after === undefined ? "" : `
-                AND (m.createdat, m.${quoteIdent(key)}) >
-                    (SELECT b.createdat, b.${quoteIdent(key)} FROM ${t} b
-                      WHERE b.${quoteIdent(key)} = '${after}')`
+                AND (m.createdat, m.${id}) >
+                    (SELECT b.createdat, b.${id} FROM ${t} b
+                      WHERE b.${id} = '${after}')`
       }
-              ORDER BY m.createdat, m.${quoteIdent(key)}
+              ORDER BY m.createdat, m.${id}
               LIMIT ${Math.trunc(limit)}
                 FOR UPDATE OF m SKIP LOCKED) TO STDOUT${opts}`,
     copy: `COPY ${t} (${cols}) FROM STDIN${opts}`,
@@ -143,8 +143,8 @@ function statements(table: string, columns: Column[], key: string, format: CopyF
       `CREATE TEMP TABLE meter_sync_stage ON COMMIT DROP AS SELECT ${cols} FROM ${t} WITH NO DATA`,
     stageCopy: `COPY meter_sync_stage (${cols}) FROM STDIN${opts}`,
     stageInsert: `INSERT INTO ${t} (${cols}) SELECT ${cols} FROM meter_sync_stage
-                  ON CONFLICT (${quoteIdent(key)}) DO NOTHING`,
-    remove: `DELETE FROM ${t} WHERE ${quoteIdent(key)} = ANY ($1::uuid[])`,
+                  ON CONFLICT (${id}) DO NOTHING`,
+    remove: `DELETE FROM ${t} WHERE ${id} = ANY ($1::uuid[])`,
     // The row locks tell this batch's rows from any other in its range: a reading another
     // agent holds (its lock is not ours) or one that came late with an old timestamp (no lock).
     // txid_current() modulo 2^32 is the transaction's own xid on PostgreSQL 11 and later,
