@@ -79,6 +79,15 @@ export class LocalDeleteError extends Error {
 export const CLAIM_PLANS =
   "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)";
 
+/**
+ * The plans the range delete allows, for the rest of its transaction: a bitmap of the queue
+ * index, which visits each page of the batch once, instead of the index scan CLAIM_PLANS
+ * leaves it (the planner's choice, since the queue is in index order), which fetches row by
+ * row. One batch of 10,000 readings: 16.8 ms against 23.4 (EXPLAIN ANALYZE, three pairs).
+ */
+export const DELETE_PLANS =
+  "SELECT set_config('enable_indexscan', 'off', true), set_config('enable_bitmapscan', 'on', true)";
+
 interface Statements {
   /**
    * Claims the next batch; `after`: the last key of the batch in flight, where the scan
@@ -355,10 +364,14 @@ export async function upload(deps: UploadDeps, options: UploadOptions = {}): Pro
             // instead of a lookup per key (a 10,000-key array took 9 ms to plan and 60 ms to
             // run, the range 24 ms). A row the range cannot hold goes by its key: a NULL
             // createdat, which a gateway's own table may allow and the queue puts last.
-            const [gone] = await tx.unsafe<{ n: number; lo: string | null; hi: string | null }[]>(
-              travel.sql.removeLocked,
-              [keys[0], keys[keys.length - 1]],
-            );
+            // Both in one write: the settings cost no round trip.
+            const [, [gone]] = await Promise.all([
+              tx.unsafe(DELETE_PLANS),
+              tx.unsafe<{ n: number; lo: string | null; hi: string | null }[]>(
+                travel.sql.removeLocked,
+                [keys[0], keys[keys.length - 1]],
+              ),
+            ]);
             let deleted = gone.n;
             if (gone.lo !== null && gone.hi !== null) span = { lo: gone.lo, hi: gone.hi };
             if (deleted < keys.length) {
