@@ -87,8 +87,8 @@ Deno.test("a cycle reads and deletes the queue through its own index, never the 
   }, 10_000);
   const meters = "meter_readings_meter_id_createdat_idx";
   assert.equal(after[meters].scans, before[meters].scans);
-  // Row by row through the queue index: the claims (1,000 readings and their empty last
-  // look), not the deletes too (2,100 when they did).
+  // Row by row through the queue index: what the claims read (1,100 for 1,000 readings when
+  // this was written), not the deletes too (2,100 when they did).
   const byRow = after.meter_readings_sync_queue_idx.fetched -
     before.meter_readings_sync_queue_idx.fetched;
   assert.ok(byRow >= 1000 && byRow < 1500, `${byRow} readings fetched row by row`);
