@@ -804,7 +804,8 @@ async function machine(local: Sql): Promise<Machine> {
   }
   const settings = await local.unsafe<{ name: string; setting: string }[]>(
     `SELECT name, setting FROM pg_settings
-      WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers')
+      WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers',
+                     'huge_pages_status')
       ORDER BY name`,
   );
   const version = await scalar<string>(local, "SHOW server_version");
